@@ -1,0 +1,111 @@
+"""Which implementation each op runs: the backend registry and the build report.
+
+Backends: ``reference`` (pure PyTorch, any device), ``cpu`` (C++/OpenMP in ``sparse_sae._C``),
+``triton`` and ``cuda`` (GPU). An op picks, from the tensor's device, the fast backend that
+is built for it and falls back to the reference, saying so once. ``SPARSE_SAE_BACKEND``
+forces one backend for every op; forcing one that is not available is an error that says why.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+# The fast backend of each op on each device class, in order of preference (DESIGN.md 4).
+_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+try:  # the compiled extension is optional: the package works on the reference without it
+    from sparse_sae import _C  # noqa: F401
+    _C_ERROR = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _C_ERROR = f"{type(exc).__name__}: {exc}"
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_WARNED: set = set()
+
+
+def register_impl(op: str, backend: str, fn: Callable) -> None:
+    """Records ``fn`` as ``op``'s implementation on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``SPARSE_SAE_BACKEND``, or None."""
+    name = os.environ.get("SPARSE_SAE_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"SPARSE_SAE_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend ``op`` runs on for tensors on ``device``."""
+    impls = _IMPLS.get(op, {})
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in impls:
+            raise RuntimeError(f"SPARSE_SAE_BACKEND={forced} but op {op!r} has no {forced} "
+                               f"implementation ({unavailable_reason(forced)})")
+        return forced
+    for backend in _PREFERENCE.get(device.type, ()):
+        if backend in impls:
+            return backend
+    if _C is None and device.type == "cpu":
+        _warn_once("no_ext", f"sparse_sae: the compiled extension is not available ({_C_ERROR}); "
+                             "every op runs on the pure-PyTorch reference backend")
+    elif device.type != "cpu":
+        _warn_once(f"ref:{op}:{device.type}", f"sparse_sae: no fast {device.type} kernel for {op!r} is built; "
+                                              "it runs on the reference backend")
+    return "reference"
+
+
+def dispatch(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for ``device``."""
+    return _IMPLS[op][backend_for(op, device)]
+
+
+def unavailable_reason(backend: str) -> str:
+    if backend == "cpu":
+        return "the extension is built" if _C is not None else f"extension not built: {_C_ERROR}"
+    if backend in ("triton", "cuda"):
+        return "no kernel for this op has landed yet"
+    return "always available"
+
+
+def show_build(file=None) -> None:
+    """Prints what was built and which backend each op uses on CPU and CUDA tensors."""
+    import sparse_sae.ops  # noqa: F401  (registers the ops)
+
+    def line(s=""):
+        print(s, file=file)
+
+    line(f"sparse_sae extension: {_C.build_info() if _C is not None else 'not built (' + str(_C_ERROR) + ')'}")
+    try:
+        import triton
+        line(f"triton: {triton.__version__}")
+    except ImportError:
+        line("triton: not installed")
+    line(f"torch: {torch.__version__} (cuda {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})")
+    forced = forced_backend()
+    if forced:
+        line(f"SPARSE_SAE_BACKEND={forced}")
+    line(f"{'op':<24}{'cpu tensors':<14}{'cuda tensors':<14}implementations")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for op in sorted(_IMPLS):
+            cpu = backend_for(op, torch.device("cpu"))
+            cuda = backend_for(op, torch.device("cuda"))
+            line(f"{op:<24}{cpu:<14}{cuda:<14}{', '.join(sorted(_IMPLS[op]))}")

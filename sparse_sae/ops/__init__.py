@@ -1,0 +1,15 @@
+"""The custom ops of sparse_sae, each registered once with ``torch.library``.
+
+Kernel ops (DESIGN.md section 3): ``encode``, ``select``, ``penalty_backward`` and
+``sparse_decode`` (with ``sparse_decode_backward``). ``topk_code`` composes encode and
+select into one autograd node whose backward is ``penalty_backward``, so the dense penalty
+gradient of a (Batch)Top-k SAE is never materialised by autograd.
+"""
+from sparse_sae.ops.encode import encode
+from sparse_sae.ops.penalty_backward import penalty_backward
+from sparse_sae.ops.select import SelectResult, select
+from sparse_sae.ops.sparse_decode import sparse_decode, sparse_decode_backward
+from sparse_sae.ops.topk_code import TopKCode, topk_code
+
+__all__ = ["encode", "select", "SelectResult", "penalty_backward", "sparse_decode",
+           "sparse_decode_backward", "topk_code", "TopKCode"]

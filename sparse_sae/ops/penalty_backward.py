@@ -1,0 +1,45 @@
+"""``sparse_sae::penalty_backward``: encoder gradients from the penalty gradient plus a
+sparse gradient, without autograd ever holding the dense ``B x F`` gradient.
+
+``G = G_pen + G_sparse`` where ``G_pen`` is rebuilt from ``h``, the batch-active set and
+the row norms (reference.penalty_grad_ref), and ``G_sparse`` lists ``dL/dz`` at
+``(i, sp_indices[i, j])``. Returns ``dW_enc = G.T @ (x - b_dec)``, ``db_enc = colsum(G)``,
+the encoder's share of ``db_dec = -colsum(G) @ W_enc`` and ``dx = G @ W_enc`` (an empty
+tensor unless ``need_dx``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparse_sae import reference
+from sparse_sae.backends import dispatch, register_impl
+
+
+@torch.library.custom_op("sparse_sae::penalty_backward", mutates_args=())
+def penalty_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, h: Tensor, active: Tensor, n1: Tensor, n2: Tensor,
+                     sp_indices: Tensor, sp_grad: Tensor, coef_off: Optional[Tensor], coef_ratio: Optional[Tensor],
+                     ratio_eps: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See the module docstring. ``coef_off``/``coef_ratio`` are 0-d tensors (the penalties'
+    upstream gradients divided by ``B``) or None for an absent term."""
+    return dispatch("penalty_backward", h.device)(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
+                                                  coef_off, coef_ratio, ratio_eps, need_dx)
+
+
+@penalty_backward.register_fake
+def _(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio, ratio_eps, need_dx):
+    torch._check(sp_indices.shape == sp_grad.shape, lambda: "sp_indices and sp_grad must have the same shape")
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return W_enc.new_empty(W_enc.shape), W_enc.new_empty(W_enc.shape[0]), b_dec.new_empty(b_dec.shape), dx
+
+
+def _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
+                                coef_off, coef_ratio, ratio_eps, need_dx):
+    dW_enc, db_enc, db_dec, dx = reference.penalty_backward_ref(
+        x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio, ratio_eps, need_dx)
+    return dW_enc, db_enc, db_dec, (dx if need_dx else x.new_empty(0))
+
+
+register_impl("penalty_backward", "reference", _penalty_backward_reference)

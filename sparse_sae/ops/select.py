@@ -1,0 +1,94 @@
+"""``sparse_sae::select``: the selection step and its statistics, in one op.
+
+Per row of ``h`` the selected values and indices (descending value, ties to the lower
+index), the row threshold, the batch-active set, the fired counts per latent, the row l1
+and l2 norms over the batch-active units, and the AuxK candidates among dead latents.
+No gradient flows through selection (DESIGN.md 2).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from sparse_sae import reference
+from sparse_sae.backends import dispatch, register_impl
+
+MODES = ("topk", "batchtopk", "threshold")
+
+
+class SelectResult(NamedTuple):
+    values: Tensor        # B x width, h's dtype
+    indices: Tensor       # B x width, int64
+    threshold: Tensor     # B, each row's smallest selected value
+    active: Tensor        # F bool, the batch-active set A
+    fired: Tensor         # F int64, rows where each latent is selected with a positive value
+    n1: Tensor            # B, ||h_i[A]||_1 (float32, float64 for float64 h)
+    n2: Tensor            # B, ||h_i[A]||_2
+    aux_values: Tensor    # B x k_aux (B x 0 without AuxK)
+    aux_indices: Tensor   # B x k_aux, int64
+
+
+@torch.library.custom_op("sparse_sae::select", mutates_args=())
+def _select(h: Tensor, k: int, mode: str, width: int, threshold: Optional[Tensor], dead: Optional[Tensor],
+            k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(dispatch("select", h.device)(h, k, mode, width, threshold, dead, k_aux))
+
+
+@_select.register_fake
+def _(h, k, mode, width, threshold, dead, k_aux):
+    B, F = h.shape
+    if mode == "topk":
+        w = k
+    elif width > 0:
+        w = min(width, F)
+    else:
+        w = torch.library.get_ctx().new_dynamic_size()
+    acc = reference.acc_dtype(h.dtype)
+    ka = k_aux if dead is not None else 0
+    return (h.new_empty(B, w), h.new_empty(B, w, dtype=torch.int64), h.new_empty(B),
+            h.new_empty(F, dtype=torch.bool), h.new_empty(F, dtype=torch.int64),
+            h.new_empty(B, dtype=acc), h.new_empty(B, dtype=acc),
+            h.new_empty(B, ka), h.new_empty(B, ka, dtype=torch.int64))
+
+
+def select(h: Tensor, k: int = 0, mode: str = "topk", width: int = 0, threshold: Optional[Tensor] = None,
+           dead: Optional[Tensor] = None, k_aux: int = 0) -> SelectResult:
+    """Selection on ``h`` (``B x F``, non-negative).
+
+    ``mode="topk"``: the ``k`` largest entries of each row. ``mode="batchtopk"``: the
+    ``B * k`` largest of the batch. ``mode="threshold"``: entries above ``threshold``
+    (``F``). The last two pack each row into ``width`` columns (0: the largest row count),
+    padding with zero values. With ``dead`` (``F`` bool) and ``k_aux > 0``, also the AuxK
+    candidates: each row's ``k_aux`` largest entries among dead latents.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "threshold" and threshold is None:
+        raise ValueError("mode='threshold' needs a threshold tensor")
+    if mode != "threshold" and not 1 <= k <= h.shape[1]:
+        raise ValueError(f"k must be in [1, {h.shape[1]}], got {k}")
+    return SelectResult(*_select(h, k, mode, width, threshold, dead, k_aux))
+
+
+def _select_reference(h, k, mode, width, threshold, dead, k_aux):
+    if mode == "topk":
+        values, indices = reference.topk_select_ref(h, k)
+    elif mode == "batchtopk":
+        values, indices = reference.batchtopk_select_ref(h, k, width)
+    else:
+        values, indices = reference.threshold_select_ref(h, threshold, width)
+    fired = reference.fired_counts_ref(values, indices, h.shape[1])
+    active = fired > 0
+    n1, n2 = reference.active_row_norms_ref(h, active)
+    if dead is not None and k_aux > 0:
+        aux_values, aux_indices = reference.auxk_select_ref(h, dead, min(k_aux, h.shape[1]))
+    else:
+        aux_values = h.new_zeros(h.shape[0], 0)
+        aux_indices = torch.zeros(h.shape[0], 0, dtype=torch.int64, device=h.device)
+    return (values, indices, reference.row_threshold_ref(values), active, fired, n1, n2,
+            aux_values, aux_indices)
+
+
+register_impl("select", "reference", _select_reference)

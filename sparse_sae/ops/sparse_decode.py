@@ -1,0 +1,60 @@
+"""``sparse_sae::sparse_decode``: ``x_hat = a @ W_dec + b_dec`` for a code given as
+``(values, indices)``, with autograd through ``sparse_sae::sparse_decode_backward``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparse_sae import reference
+from sparse_sae.backends import _C, dispatch, register_impl
+
+
+@torch.library.custom_op("sparse_sae::sparse_decode", mutates_args=())
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """``x_hat[i] = b_dec + sum_j values[i, j] * W_dec[indices[i, j]]`` (``B x D``).
+
+    Shapes: ``values`` and ``indices`` (int64) ``B x k``, ``W_dec`` ``F x D``, ``b_dec`` ``D``.
+    """
+    return dispatch("sparse_decode", values.device)(values, indices, W_dec, b_dec)
+
+
+@sparse_decode.register_fake
+def _(values, indices, W_dec, b_dec):
+    torch._check(values.shape == indices.shape, lambda: "values and indices must have the same shape")
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("sparse_sae::sparse_decode_backward", mutates_args=())
+def sparse_decode_backward(grad: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d_values, dW_dec)`` of :func:`sparse_decode` for the upstream ``grad`` (``B x D``)."""
+    return dispatch("sparse_decode_backward", grad.device)(grad, values, indices, W_dec)
+
+
+@sparse_decode_backward.register_fake
+def _(grad, values, indices, W_dec):
+    return values.new_empty(values.shape), W_dec.new_empty(W_dec.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, W_dec, b_dec = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+
+
+def _backward(ctx, grad):
+    values, indices, W_dec = ctx.saved_tensors
+    d_values, dW_dec = sparse_decode_backward(grad, values, indices, W_dec)
+    db_dec = grad.sum(0) if ctx.needs_input_grad[3] else None
+    return d_values, None, dW_dec, db_dec
+
+
+def _sparse_decode_cpu(values, indices, W_dec, b_dec):
+    if W_dec.dtype in (torch.float32, torch.float64) and values.dtype == W_dec.dtype:
+        return _C.sparse_decode_cpu(values, indices, W_dec, b_dec)
+    return reference.sparse_decode_ref(values, indices, W_dec, b_dec)  # half types: no CPU kernel
+
+
+sparse_decode.register_autograd(_backward, setup_context=_setup_context)
+register_impl("sparse_decode", "reference", reference.sparse_decode_ref)
+register_impl("sparse_decode_backward", "reference", reference.sparse_decode_backward_ref)
+if _C is not None:
+    register_impl("sparse_decode", "cpu", _sparse_decode_cpu)
