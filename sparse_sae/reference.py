@@ -212,6 +212,17 @@ def l1_l2_ratio_ref(h, active, eps: float = RATIO_EPS):
     return ratio.sum() / h.shape[0]
 
 
+def penalty_values_from_norms(n1, n2, values, eps: float = RATIO_EPS):
+    """``(R_off, R_ratio)`` from the row norms over ``A`` and the selected values: every positive
+    selected entry is batch active, so ``R_off = (1/B) sum_i (n1_i - sum_j values_ij)``.
+    Equal to :func:`off_support_l1_ref` and :func:`l1_l2_ratio_ref`, without a ``B x F`` pass."""
+    B = n1.shape[0]
+    r_off = (n1 - values.to(n1.dtype).sum(1)).sum() / B
+    alive = n2 > 0
+    ratio = torch.where(alive, n1 / (torch.where(alive, n2, torch.ones_like(n2)) + eps), torch.zeros_like(n1))
+    return r_off, ratio.sum() / B
+
+
 def decoder_norm_l1_ref(values, indices, W_dec):
     """``(1/B) sum_i sum_j a_ij ||W_dec[j]||`` over the sparse code (differentiable)."""
     norms = W_dec.norm(dim=1)

@@ -44,11 +44,7 @@ def _topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, m
     h = encode(x, W_enc, b_enc, b_dec, True)
     values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices = _select(
         h, k, mode, width, None, dead, k_aux)
-    B = h.shape[0]
-    r_off = (n1 - values.to(n1.dtype).sum(1)).sum() / B
-    alive = n2 > 0
-    ratio = torch.where(alive, n1 / (torch.where(alive, n2, torch.ones_like(n2)) + ratio_eps), torch.zeros_like(n1))
-    r_ratio = ratio.sum() / B
+    r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, values, ratio_eps)
     return (h, values, indices, aux_values, aux_indices, r_off, r_ratio, threshold, active, fired, n1, n2)
 
 

@@ -1,0 +1,404 @@
+"""SAE modules: drop-in ``torch.nn`` modules built on the ``sparse_sae`` ops.
+
+Every SAE has ``W_enc (F x D)``, ``b_enc (F)``, ``W_dec (F x D)`` and ``b_dec (D)``.
+``sae(x)`` returns an :class:`SAEOutput`; ``sae.encode(x)`` the sparse code as
+``(values, indices)``; ``sae.decode(values, indices)`` the reconstruction.
+A module knows nothing of backends: the ops choose them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from sparse_sae import ops, reference
+from sparse_sae._checks import check_activations, check_code, check_int
+from sparse_sae.geometric_median import geometric_median
+from sparse_sae.penalties import L0, AuxK, DecoderNormL1, L1L2Ratio, OffSupportL1, Penalty
+
+RECON_LOSSES = ("fvu", "mse")
+
+
+class SAEOutput:
+    """What ``sae(x)`` returns.
+
+    ``recon`` (``B x D``), ``values`` and ``indices`` (``B x k``: each row's active latents,
+    descending), ``loss`` (the total), ``losses`` (unweighted terms keyed ``recon``,
+    ``off_support_l1``, ``l1_l2_ratio``, ``decoder_norm_l1``, ``l0``, ``auxk``, those that
+    apply), ``fired`` (``F``, rows in which each latent fired). Dense architectures build
+    ``values``/``indices`` on first access; :meth:`dense_code` gives the ``B x F`` code.
+    """
+
+    def __init__(self, recon, loss, losses, fired, n_latents, values=None, indices=None, code=None):
+        self.recon, self.loss, self.losses, self.fired = recon, loss, losses, fired
+        self._values, self._indices, self._code, self._n_latents = values, indices, code, n_latents
+
+    def _pack(self):
+        with torch.no_grad():
+            sel = ops.select(self._code.detach(), mode="threshold",
+                             threshold=self._code.new_zeros(self._n_latents))
+        self._values, self._indices = sel.values, sel.indices
+
+    @property
+    def values(self):
+        if self._values is None:
+            self._pack()
+        return self._values
+
+    @property
+    def indices(self):
+        if self._indices is None:
+            self._pack()
+        return self._indices
+
+    def dense_code(self):
+        """The ``B x F`` code."""
+        if self._code is None:
+            self._code = reference.dense_code_ref(self._values, self._indices, self._n_latents)
+        return self._code
+
+    def __repr__(self):
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in self.losses.items())
+        return f"SAEOutput(loss={float(self.loss.detach()):.4g} [{terms}], recon shape {tuple(self.recon.shape)})"
+
+
+class SparseAutoencoder(nn.Module):
+    """Base of every SAE: parameters, input checks, decoder constraint, save and load."""
+
+    allowed_penalties: tuple = (DecoderNormL1,)
+
+    def __init__(self, d_in: int, n_latents: int, penalties: Sequence[Penalty] = (), *, recon_loss: str = "fvu",
+                 input_scale: float | None = None, check_inputs: bool = True, dtype=None, device=None):
+        super().__init__()
+        self.d_in = check_int(d_in, "d_in", 1)
+        self.n_latents = check_int(n_latents, "n_latents", 1)
+        if recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        self.recon_loss = recon_loss
+        if input_scale is not None:
+            if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)) \
+                    or not math.isfinite(input_scale) or input_scale <= 0:
+                raise ValueError(f"input_scale must be a finite positive number or None, got {input_scale!r}")
+            input_scale = float(input_scale)
+        self.input_scale = input_scale
+        self.check_inputs = check_inputs
+        self.penalties = self._check_penalties(penalties)
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        # Training rows seen since each latent last fired; feeds AuxK and the dead fraction.
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64, device=device))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def _check_penalties(self, penalties) -> tuple:
+        if isinstance(penalties, Penalty):
+            penalties = (penalties,)
+        penalties = tuple(penalties)
+        seen = set()
+        for p in penalties:
+            if not isinstance(p, Penalty):
+                raise TypeError(f"penalties must be Penalty objects (OffSupportL1, L1L2Ratio, DecoderNormL1, L0), "
+                                f"got {type(p).__name__}")
+            if not isinstance(p, self.allowed_penalties):
+                allowed = ", ".join(c.__name__ for c in self.allowed_penalties)
+                raise ValueError(f"{type(self).__name__} does not take {type(p).__name__}; it takes {allowed}")
+            if p.name in seen:
+                raise ValueError(f"penalty {type(p).__name__} given twice")
+            seen.add(p.name)
+        return penalties
+
+    def penalty(self, cls):
+        """The configured penalty of type ``cls``, or None."""
+        return next((p for p in self.penalties if isinstance(p, cls)), None)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Unit-norm random decoder rows, the encoder tied to the decoder at init, zero biases."""
+        self.W_dec.normal_()
+        self.normalize_decoder_()
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.tokens_since_fired.zero_()
+
+    # ------------------------------------------------------------------ forward helpers
+    def _prepare(self, x):
+        if self.check_inputs and not torch.compiler.is_compiling():
+            check_activations(x, self.d_in, self.W_enc)
+        return x * self.input_scale if self.input_scale is not None else x
+
+    def _unscale(self, recon):
+        return recon / self.input_scale if self.input_scale is not None else recon
+
+    def _recon_term(self, xs, recon):
+        if self.recon_loss == "fvu" and xs.shape[0] < 2 and not torch.compiler.is_compiling():
+            raise ValueError("recon_loss='fvu' needs a batch of at least 2 rows (the batch variance of "
+                             "one row is 0); use recon_loss='mse' for single rows")
+        return reference.fvu_ref(xs, recon) if self.recon_loss == "fvu" else reference.mse_ref(xs, recon)
+
+    def _total(self, losses):
+        loss = losses["recon"]
+        for p in self.penalties:
+            loss = loss + p.coef * losses[p.name]
+        return loss
+
+    @torch.no_grad()
+    def _track_firing(self, fired, batch: int) -> None:
+        if self.training:
+            self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + batch))
+
+    def dead_mask(self, after_tokens: int) -> torch.Tensor:
+        """Latents that have not fired in the last ``after_tokens`` training rows."""
+        return self.tokens_since_fired >= after_tokens
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x) -> SAEOutput:  # pragma: no cover - each architecture defines it
+        raise NotImplementedError
+
+    def encode(self, x):
+        """The sparse code of ``x``: ``(values, indices)``, each ``B x k`` (descending value)."""
+        out = self.forward(x)
+        return out.values, out.indices
+
+    def decode(self, values, indices):
+        """``a @ W_dec + b_dec`` for the code ``(values, indices)``, in input units."""
+        if self.check_inputs:
+            check_code(values, indices, self.n_latents, self.W_dec)
+        return self._unscale(ops.sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, self.b_dec))
+
+    def dense_code(self, values, indices):
+        """The ``B x F`` code with ``values`` at ``indices``."""
+        return reference.dense_code_ref(values, indices, self.n_latents)
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-12) -> None:
+        """Scales every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
+        """Removes from ``W_dec.grad`` each row's component parallel to the row, so that a step
+        keeps the rows near unit norm (call before the optimizer step, then normalize)."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec
+        coef = (g * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True).clamp_min(eps)
+        g.sub_(coef * w)
+
+    @torch.no_grad()
+    def init_b_dec_(self, x, max_rows: int = 32768) -> None:
+        """Sets ``b_dec`` to the geometric median of (up to ``max_rows`` rows of) ``x``."""
+        xs = self._prepare(x)[:max_rows]
+        self.b_dec.copy_(geometric_median(xs.to(self.b_dec.dtype)))
+
+    def config(self) -> dict:
+        """Constructor arguments as JSON-ready values."""
+        return {"d_in": self.d_in, "n_latents": self.n_latents,
+                "penalties": [p.to_config() for p in self.penalties], "recon_loss": self.recon_loss,
+                "input_scale": self.input_scale}
+
+    def save(self, directory, fold_input_scale: bool = True) -> None:
+        """Writes ``sae_weights.safetensors`` and ``config.json`` to ``directory``; see
+        :func:`sparse_sae.save`."""
+        from sparse_sae.serialization import save
+        save(self, directory, fold_input_scale=fold_input_scale)
+
+    @classmethod
+    def load(cls, directory, device=None):
+        from sparse_sae.serialization import load
+        sae = load(directory, device=device)
+        if not isinstance(sae, cls):
+            raise TypeError(f"{directory} holds a {type(sae).__name__}, not a {cls.__name__}")
+        return sae
+
+    def extra_repr(self) -> str:
+        pens = ", ".join(f"{type(p).__name__}({p.coef:g})" for p in self.penalties)
+        return f"d_in={self.d_in}, n_latents={self.n_latents}, penalties=[{pens}]"
+
+
+class TopKSAE(SparseAutoencoder):
+    """Top-k SAE: each row keeps its ``k`` largest pre-activations (ties to the lower index).
+
+    Takes the paper's penalties ``OffSupportL1`` and ``L1L2Ratio`` (arXiv:2606.27321), and
+    ``DecoderNormL1``; ``auxk=AuxK()`` adds the auxiliary loss on dead latents.
+    """
+
+    allowed_penalties = (OffSupportL1, L1L2Ratio, DecoderNormL1)
+    mode = "topk"
+
+    def __init__(self, d_in: int, n_latents: int, k: int, penalties: Sequence[Penalty] = (), *,
+                 auxk: AuxK | None = None, **kwargs):
+        super().__init__(d_in, n_latents, penalties, **kwargs)
+        self.k = check_int(k, "k", 1, n_latents)
+        if auxk is not None and not isinstance(auxk, AuxK):
+            raise TypeError(f"auxk must be an AuxK or None, got {type(auxk).__name__}")
+        self.auxk = auxk
+
+    @property
+    def k_aux(self) -> int:
+        if self.auxk is None:
+            return 0
+        return min(self.auxk.k_aux or max(self.d_in // 2, 1), self.n_latents)
+
+    def _width(self) -> int:
+        return self.k
+
+    def _select_mode(self) -> str:
+        return self.mode
+
+    def forward(self, x) -> SAEOutput:
+        xs = self._prepare(x)
+        dead = self.dead_mask(self.auxk.dead_after_tokens) if (self.auxk is not None and self.training) else None
+        ratio = self.penalty(L1L2Ratio)
+        code = ops.topk_code(xs, self.W_enc, self.b_enc, self.b_dec, self.k, self._select_mode(),
+                             self._width() if self.mode != "topk" else 0, dead, self.k_aux,
+                             ratio.eps if ratio is not None else reference.RATIO_EPS)
+        aux = (code.aux_values, code.aux_indices, dead) if dead is not None else None
+        return self._finish(xs, code.values, code.indices, code.fired, code.off_support_l1, code.l1_l2_ratio, aux)
+
+    def _finish(self, xs, values, indices, fired, r_off, r_ratio, aux) -> SAEOutput:
+        """Decodes, adds the loss terms and tracks firing. ``aux`` is ``(aux_values, aux_indices,
+        dead)`` or None."""
+        recon = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+        losses = {"recon": self._recon_term(xs, recon)}
+        for p in self.penalties:
+            if isinstance(p, OffSupportL1):
+                losses[p.name] = r_off
+            elif isinstance(p, L1L2Ratio):
+                losses[p.name] = r_ratio
+            else:
+                losses[p.name] = reference.decoder_norm_l1_ref(values, indices, self.W_dec)
+        loss = self._total(losses)
+        if aux is not None:
+            aux_values, aux_indices, dead = aux
+            e = (xs - recon).detach()
+            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, torch.zeros_like(self.b_dec))
+            aux = reference.fvu_ref(e, e_hat)
+            losses["auxk"] = torch.where(dead.any(), aux, torch.zeros_like(aux))
+            loss = loss + self.auxk.coef * losses["auxk"]
+        self._track_firing(fired, xs.shape[0])
+        return SAEOutput(self._unscale(recon), loss, losses, fired, self.n_latents, values=values, indices=indices)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg["k"] = self.k
+        cfg["auxk"] = self.auxk.to_config() if self.auxk is not None else None
+        return cfg
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE: the ``B * k`` largest pre-activations of the whole batch are kept.
+
+    In eval mode it applies the learned global threshold (a running estimate of the
+    smallest selected value) instead, so a row's code does not depend on its batch.
+    ``max_k_per_row`` caps a row's entries (a static width for graph capture); None keeps
+    all of them (exact; the width is data-dependent).
+    """
+
+    mode = "batchtopk"
+
+    def __init__(self, d_in: int, n_latents: int, k: int, penalties: Sequence[Penalty] = (), *,
+                 max_k_per_row: int | None = None, threshold_momentum: float = 0.01, **kwargs):
+        super().__init__(d_in, n_latents, k, penalties, **kwargs)
+        self.max_k_per_row = None if max_k_per_row is None else check_int(max_k_per_row, "max_k_per_row", 1,
+                                                                           n_latents)
+        if not 0 < threshold_momentum <= 1:
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {threshold_momentum}")
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float64, device=kwargs.get("device")))
+
+    def _width(self) -> int:
+        return self.max_k_per_row or 0
+
+    def forward(self, x) -> SAEOutput:
+        if self.training or float(self.threshold) < 0:
+            out = super().forward(x)
+            if self.training:
+                self._update_threshold(out.values)
+            return out
+        xs = self._prepare(x)
+        h = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec)
+        sel = ops.select(h.detach(), mode="threshold", width=self._width(),
+                         threshold=self.threshold.to(h.dtype).expand(self.n_latents))
+        values = h.gather(1, sel.indices) * (sel.values > 0)
+        ratio = self.penalty(L1L2Ratio)
+        r_off, r_ratio = reference.penalty_values_from_norms(sel.n1, sel.n2, sel.values,
+                                                             ratio.eps if ratio is not None else reference.RATIO_EPS)
+        return self._finish(xs, values, sel.indices, sel.fired, r_off, r_ratio, None)
+
+    @torch.no_grad()
+    def _update_threshold(self, values) -> None:
+        pos = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min().to(torch.float64)
+        if not torch.isfinite(pos):
+            return
+        m = self.threshold_momentum
+        new = torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos)
+        self.threshold.copy_(new)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(max_k_per_row=self.max_k_per_row, threshold_momentum=self.threshold_momentum)
+        return cfg
+
+
+class ReLUSAE(SparseAutoencoder):
+    """ReLU SAE: ``a = relu(z)``, usually trained with ``DecoderNormL1``."""
+
+    allowed_penalties = (DecoderNormL1,)
+
+    def forward(self, x) -> SAEOutput:
+        xs = self._prepare(x)
+        a = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec)
+        return self._dense_finish(xs, a, None, None)
+
+    def _dense_finish(self, xs, a, z, theta) -> SAEOutput:
+        recon = a @ self.W_dec + self.b_dec
+        losses = {"recon": self._recon_term(xs, recon)}
+        for p in self.penalties:
+            if isinstance(p, DecoderNormL1):
+                losses[p.name] = (a * self.W_dec.norm(dim=1)).sum() / a.shape[0]
+            else:
+                losses[p.name] = reference.l0_ref(z, theta, self.bandwidth)
+        fired = (a > 0).sum(0)
+        self._track_firing(fired, xs.shape[0])
+        return SAEOutput(self._unscale(recon), self._total(losses), losses, fired, self.n_latents, code=a)
+
+
+class JumpReLUSAE(ReLUSAE):
+    """JumpReLU SAE: ``a = z * 1[z > theta_j]`` with learned thresholds ``theta = exp(log_threshold)``
+    and straight-through gradients (rectangle kernel of width ``bandwidth``; GemmaScope)."""
+
+    allowed_penalties = (L0, DecoderNormL1)
+
+    def __init__(self, d_in: int, n_latents: int, penalties: Sequence[Penalty] = (), *, bandwidth: float = 1e-3,
+                 init_threshold: float = 1e-3, **kwargs):
+        if not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise ValueError(f"bandwidth must be finite and positive, got {bandwidth}")
+        if not (math.isfinite(init_threshold) and init_threshold > 0):
+            raise ValueError(f"init_threshold must be finite and positive, got {init_threshold}")
+        self.bandwidth = float(bandwidth)
+        self.init_threshold = float(init_threshold)
+        super().__init__(d_in, n_latents, penalties, **kwargs)
+        self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(init_threshold),
+                                                     dtype=self.W_enc.dtype, device=self.W_enc.device))
+
+    def forward(self, x) -> SAEOutput:
+        xs = self._prepare(x)
+        z = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec, False)
+        theta = self.log_threshold.exp()
+        a = reference.jumprelu_ref(z, theta, self.bandwidth)
+        return self._dense_finish(xs, a, z, theta)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(bandwidth=self.bandwidth, init_threshold=self.init_threshold)
+        return cfg
+
+
+ARCHITECTURES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)}
