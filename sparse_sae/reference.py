@@ -97,7 +97,7 @@ def pack_selected_ref(h, selected, width: int = 0):
         width = max(int(selected.sum(1).max()), 1)
     width = min(width, F)
     key = torch.where(selected, h, torch.full_like(h, float("-inf")))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :width]
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :width].contiguous()
     keep = selected.gather(1, order)
     values = torch.where(keep, h.gather(1, order), torch.zeros((), dtype=h.dtype, device=h.device))
     return values, order
@@ -188,15 +188,18 @@ def mse_ref(x, x_hat):
 # ----------------------------------------------------------------------------------------
 # Penalties (each returns the unweighted value; the module multiplies by its coefficient)
 # ----------------------------------------------------------------------------------------
-def support_mask_ref(indices, n_latents: int):
-    """``B x F`` bool mask of each row's Top-k support ``S_i``."""
+def support_mask_ref(indices, n_latents: int, selected=None):
+    """``B x F`` bool mask of each row's support ``S_i``: the entries at ``indices`` for which
+    ``selected`` (``B x k`` bool; default all) holds. Padding of a packed code is not selected."""
     mask = torch.zeros(indices.shape[0], n_latents, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, indices, True)
+    src = torch.ones_like(indices, dtype=torch.bool) if selected is None else selected
+    return mask.scatter_(1, indices, src)
 
 
-def off_support_l1_ref(h, indices, active):
-    """``R_off = (1/B) sum_i sum_{j in A, j not in S_i} h_ij`` (differentiable in ``h``)."""
-    off = active & ~support_mask_ref(indices, h.shape[1])
+def off_support_l1_ref(h, support, active):
+    """``R_off = (1/B) sum_i sum_{j in A, j not in S_i} h_ij`` for a ``B x F`` support mask
+    (differentiable in ``h``)."""
+    off = active & ~support
     return (h.to(acc_dtype(h.dtype)) * off).sum() / h.shape[0]
 
 
@@ -355,7 +358,8 @@ def topk_sae_loss_ref(x, W_enc, b_enc, W_dec, b_dec, k: int, *, mode: str = "top
     losses = {"recon": fvu_ref(x, recon) if recon_loss == "fvu" else mse_ref(x, recon)}
     loss = losses["recon"]
     if coef_off:
-        losses["off_support_l1"] = off_support_l1_ref(h, indices, active)
+        support = support_mask_ref(indices, h.shape[1], picked > 0)
+        losses["off_support_l1"] = off_support_l1_ref(h, support, active)
         loss = loss + coef_off * losses["off_support_l1"]
     if coef_ratio:
         losses["l1_l2_ratio"] = l1_l2_ratio_ref(h, active, ratio_eps)
