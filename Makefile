@@ -1,0 +1,40 @@
+# Two commands for a fresh clone (see README.md):
+#   make demo   set up, then train the built-in demo and print its table
+#   make test   set up, then run the test suite
+# Setup installs torch 2.14.1 (CUDA build: needed to compile the CUDA kernels), Triton, the
+# test tools and this package (--no-build-isolation) into .venv, or into the active
+# virtual environment when there is one.
+
+SHELL := /bin/bash
+TORCH_VERSION ?= 2.14.1
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+else
+PY := $(abspath $(VENV))/bin/python
+endif
+STAMP := $(dir $(PY)).sparse_sae_setup
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export CUDA_HOME
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip "setuptools>=68" wheel
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" "triton>=3.6,<3.10" numpy "safetensors>=0.4" tqdm \
+		"pytest>=8" "pytest-benchmark>=4" ninja
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m sparse_sae info
+	@touch $@
+
+demo: setup
+	$(PY) -m sparse_sae demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf build *.egg-info sparse_sae/_C*.so

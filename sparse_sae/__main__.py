@@ -1,0 +1,5 @@
+import sys
+
+from sparse_sae.cli import main
+
+sys.exit(main())
