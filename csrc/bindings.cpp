@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "select_common.h"
 #ifdef SPARSE_SAE_WITH_CUDA
 #include "cuda/build_info.h"
 #endif
@@ -28,4 +29,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("sparse_decode_cpu", &sparse_sae::sparse_decode_cpu, "recon = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]",
         py::arg("values"), py::arg("indices"), py::arg("W_dec"), py::arg("b_dec"));
+  m.def("sparse_decode_backward_cpu", &sparse_sae::sparse_decode_backward_cpu,
+        "(d_values, dW_dec) of sparse_decode_cpu, grouped by latent", py::arg("grad"), py::arg("values"),
+        py::arg("indices"), py::arg("W_dec"));
+  m.def("select_cpu", &sparse_sae::select_cpu,
+        "Top-k / BatchTopK / threshold selection with its statistics (see sparse_sae/ops/select.py)",
+        py::arg("h"), py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"),
+        py::arg("k_aux"));
+  m.def("penalty_backward_cpu", &sparse_sae::penalty_backward_cpu,
+        "Encoder gradients from the rebuilt penalty gradient plus a sparse gradient",
+        py::arg("x"), py::arg("W_enc"), py::arg("b_dec"), py::arg("h"), py::arg("active"), py::arg("n1"),
+        py::arg("n2"), py::arg("sp_indices"), py::arg("sp_grad"), py::arg("coef_off"), py::arg("coef_ratio"),
+        py::arg("eps"), py::arg("need_dx"));
+  // Host-side selection logic, exposed for its unit tests.
+  m.def("ordered_key_f32", [](float v) { return sparse_sae::ordered_key(v); });
+  m.def("ordered_key_f64", [](double v) { return sparse_sae::ordered_key(v); });
+  m.def("ordered_key_16", [](uint16_t bits) { return sparse_sae::ordered_key_16(bits); });
+  m.def("float_from_key", [](uint32_t key) { return sparse_sae::float_from_key(key); });
 }

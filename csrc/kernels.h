@@ -1,8 +1,32 @@
 // Declarations of the CPU kernels bound in bindings.cpp.
 #pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
 #include <torch/extension.h>
 
 namespace sparse_sae {
+
 torch::Tensor sparse_decode_cpu(const torch::Tensor& values, const torch::Tensor& indices,
                                 const torch::Tensor& W_dec, const torch::Tensor& b_dec);
+
+std::vector<torch::Tensor> sparse_decode_backward_cpu(const torch::Tensor& grad, const torch::Tensor& values,
+                                                      const torch::Tensor& indices, const torch::Tensor& W_dec);
+
+// Returns {values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices}.
+std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
+                                      const std::optional<torch::Tensor>& threshold,
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux);
+
+// Returns {dW_enc, db_enc, db_dec, dx}; dx is empty unless need_dx.
+std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const torch::Tensor& W_enc,
+                                                const torch::Tensor& b_dec, const torch::Tensor& h,
+                                                const torch::Tensor& active, const torch::Tensor& n1,
+                                                const torch::Tensor& n2, const torch::Tensor& sp_indices,
+                                                const torch::Tensor& sp_grad,
+                                                const std::optional<torch::Tensor>& coef_off,
+                                                const std::optional<torch::Tensor>& coef_ratio, double eps,
+                                                bool need_dx);
+
 }  // namespace sparse_sae

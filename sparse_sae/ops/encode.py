@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
-from sparse_sae.backends import dispatch, register_impl
+from sparse_sae.backends import _C, dispatch, register_impl
 
 
 @torch.library.custom_op("sparse_sae::encode", mutates_args=())
@@ -37,5 +37,13 @@ def _backward(ctx, grad):
     return dx, dW_enc, db_enc, db_dec, None
 
 
+def _encode_cpu(x, W_enc, b_enc, b_dec, relu):
+    """The encoder GEMM stays with ATen/BLAS; bias in the GEMM, ReLU in place (one B x F tensor)."""
+    z = torch.addmm(b_enc, x - b_dec, W_enc.t())
+    return z.relu_() if relu else z
+
+
 encode.register_autograd(_backward, setup_context=_setup_context)
 register_impl("encode", "reference", reference.encode_ref)
+if _C is not None:
+    register_impl("encode", "cpu", _encode_cpu)

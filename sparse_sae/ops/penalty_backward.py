@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
-from sparse_sae.backends import dispatch, register_impl
+from sparse_sae.backends import _C, dispatch, register_impl
 
 
 @torch.library.custom_op("sparse_sae::penalty_backward", mutates_args=())
@@ -42,4 +42,17 @@ def _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, 
     return dW_enc, db_enc, db_dec, (dx if need_dx else x.new_empty(0))
 
 
+def _penalty_backward_cpu(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio,
+                          ratio_eps, need_dx):
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.float64) or any(
+            t.dtype != dtype for t in (W_enc, b_dec, h, n1, n2, sp_grad)):
+        return _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
+                                           coef_off, coef_ratio, ratio_eps, need_dx)
+    c = [t.contiguous() for t in (x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad)]
+    return tuple(_C.penalty_backward_cpu(*c, coef_off, coef_ratio, ratio_eps, need_dx))
+
+
 register_impl("penalty_backward", "reference", _penalty_backward_reference)
+if _C is not None:
+    register_impl("penalty_backward", "cpu", _penalty_backward_cpu)

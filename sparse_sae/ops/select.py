@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
-from sparse_sae.backends import dispatch, register_impl
+from sparse_sae.backends import _C, dispatch, register_impl
 
 MODES = ("topk", "batchtopk", "threshold")
 
@@ -91,4 +91,15 @@ def _select_reference(h, k, mode, width, threshold, dead, k_aux):
             aux_values, aux_indices)
 
 
+def _select_cpu(h, k, mode, width, threshold, dead, k_aux):
+    if h.dtype not in (torch.float32, torch.float64):
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux)   # half types: no CPU kernel
+    if threshold is not None:
+        threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
+    return tuple(_C.select_cpu(h.contiguous(), k, mode, width, threshold,
+                               dead.contiguous() if dead is not None else None, k_aux))
+
+
 register_impl("select", "reference", _select_reference)
+if _C is not None:
+    register_impl("select", "cpu", _select_cpu)

@@ -47,10 +47,20 @@ def _backward(ctx, grad):
     return d_values, None, dW_dec, db_dec
 
 
+def _cpu_kernel_dtypes(*tensors) -> bool:
+    return tensors[0].dtype in (torch.float32, torch.float64) and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
 def _sparse_decode_cpu(values, indices, W_dec, b_dec):
-    if W_dec.dtype in (torch.float32, torch.float64) and values.dtype == W_dec.dtype:
+    if _cpu_kernel_dtypes(W_dec, values, b_dec):
         return _C.sparse_decode_cpu(values, indices, W_dec, b_dec)
     return reference.sparse_decode_ref(values, indices, W_dec, b_dec)  # half types: no CPU kernel
+
+
+def _sparse_decode_backward_cpu(grad, values, indices, W_dec):
+    if _cpu_kernel_dtypes(W_dec, values, grad):
+        return tuple(_C.sparse_decode_backward_cpu(grad, values, indices, W_dec))
+    return reference.sparse_decode_backward_ref(grad, values, indices, W_dec)
 
 
 sparse_decode.register_autograd(_backward, setup_context=_setup_context)
@@ -58,3 +68,4 @@ register_impl("sparse_decode", "reference", reference.sparse_decode_ref)
 register_impl("sparse_decode_backward", "reference", reference.sparse_decode_backward_ref)
 if _C is not None:
     register_impl("sparse_decode", "cpu", _sparse_decode_cpu)
+    register_impl("sparse_decode_backward", "cpu", _sparse_decode_backward_cpu)

@@ -1,0 +1,180 @@
+// CPU penalty backward: encoder gradients from G = G_pen + G_sparse without ever holding G
+// as a whole B x F tensor.
+//
+// G_pen_ij = [h_ij > 0][j in A] (alpha_i + beta_i h_ij), with alpha_i = coef_off +
+// coef_ratio / (n2_i + eps) and beta_i = -coef_ratio n1_i / (n2_i (n2_i + eps)^2), is rebuilt
+// one block of rows at a time over the batch-active columns only, the block's sparse entries
+// are added in place, and one BLAS GEMM per block accumulates dW_enc (and dx). Without a
+// penalty only the sparse part exists; it is accumulated by latent (CSC), deterministically.
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "csc.h"
+#include "kernels.h"
+
+namespace sparse_sae {
+namespace {
+
+template <typename T>
+void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int64_t* sp_idx, const T* sp_g,
+                 int64_t B, int64_t m, int64_t F, const std::vector<int64_t>& pos, torch::Tensor& dW,
+                 torch::Tensor& db, torch::Tensor& dx) {
+  const int64_t D = xt.size(1);
+  // entries on columns outside the dense blocks (all of them without a penalty)
+  auto keep = [&](int64_t e) { return sp_g[e] != T(0) && (pos.empty() || pos[sp_idx[e]] < 0); };
+  LatentGroups g = group_by_latent(sp_idx, B * m, F, keep);
+  const T* xp = xt.data_ptr<T>();
+  T* dWp = dW.data_ptr<T>();
+  T* dbp = db.data_ptr<T>();
+#pragma omp parallel for schedule(dynamic, 64)
+  for (int64_t j = 0; j < F; ++j) {
+    if (g.start[j] == g.start[j + 1]) continue;
+    T* out = dWp + j * D;
+    T bsum = 0;
+    for (int64_t p = g.start[j]; p < g.start[j + 1]; ++p) {
+      const int64_t e = g.entry[p];
+      const T ge = sp_g[e];
+      const T* xr = xp + (e / m) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += ge * xr[d];
+      bsum += ge;
+    }
+    dbp[j] += bsum;
+  }
+  if (dx.numel() == 0) return;
+  const T* wp = W_enc.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    T* out = dxp + i * D;
+    for (int64_t c = 0; c < m; ++c) {
+      const int64_t e = i * m + c;
+      if (!keep(e)) continue;
+      const T ge = sp_g[e];
+      const T* wr = wp + sp_idx[e] * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += ge * wr[d];
+    }
+  }
+}
+
+template <typename T>
+std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const torch::Tensor& W_enc,
+                                                 const torch::Tensor& b_dec, const torch::Tensor& h,
+                                                 const torch::Tensor& active, const torch::Tensor& n1,
+                                                 const torch::Tensor& n2, const torch::Tensor& sp_indices,
+                                                 const torch::Tensor& sp_grad, const std::optional<torch::Tensor>& coef_off,
+                                                 const std::optional<torch::Tensor>& coef_ratio, double eps,
+                                                 bool need_dx) {
+  const int64_t B = x.size(0), D = x.size(1), F = W_enc.size(0), m = sp_indices.size(1);
+  auto xt = (x - b_dec).contiguous();
+  auto dW = torch::zeros({F, D}, W_enc.options());
+  auto db = torch::zeros({F}, W_enc.options());
+  auto dx = need_dx ? torch::zeros({B, D}, x.options()) : torch::empty({0}, x.options());
+  const int64_t* sp_idx = sp_indices.data_ptr<int64_t>();
+  const T* sp_g = sp_grad.data_ptr<T>();
+  std::vector<int64_t> pos;  // column j's place among the dense columns, or -1
+
+  if (coef_off.has_value() || coef_ratio.has_value()) {
+    const double c_off = coef_off.has_value() ? coef_off->item<double>() : 0.0;
+    const double c_ratio = coef_ratio.has_value() ? coef_ratio->item<double>() : 0.0;
+    const T* n1p = n1.data_ptr<T>();
+    const T* n2p = n2.data_ptr<T>();
+    std::vector<T> alpha(B), beta(B);
+    for (int64_t i = 0; i < B; ++i) {
+      const double a = n2p[i] > 0 ? 1.0 / (double(n2p[i]) + eps) : 0.0;
+      const double s = n2p[i] > 0 ? double(n1p[i]) / (double(n2p[i]) * (double(n2p[i]) + eps) * (double(n2p[i]) + eps)) : 0.0;
+      alpha[i] = static_cast<T>(c_off + c_ratio * a);
+      beta[i] = static_cast<T>(-c_ratio * s);
+    }
+    const bool* ap = active.data_ptr<bool>();
+    std::vector<int64_t> cols;
+    pos.assign(F, -1);
+    for (int64_t j = 0; j < F; ++j)
+      if (ap[j]) {
+        pos[j] = static_cast<int64_t>(cols.size());
+        cols.push_back(j);
+      }
+    const int64_t Fa = static_cast<int64_t>(cols.size());
+    if (Fa > 0) {
+      const bool all = Fa == F;
+      auto cols_t = torch::from_blob(cols.data(), {Fa}, torch::kInt64).clone();
+      auto dW_A = all ? dW : torch::zeros({Fa, D}, W_enc.options());
+      auto db_A = all ? db : torch::zeros({Fa}, W_enc.options());
+      auto W_A = need_dx ? (all ? W_enc : W_enc.index_select(0, cols_t)) : torch::Tensor();
+      // rows per block: about 2M entries of G (8 MB in float32)
+      const int64_t bb = std::clamp<int64_t>((int64_t(1) << 21) / Fa, 16, 1024);
+      auto G = torch::empty({std::min(bb, B), Fa}, x.options());
+      const T* hp = h.data_ptr<T>();
+      for (int64_t r0 = 0; r0 < B; r0 += bb) {
+        const int64_t nb = std::min(bb, B - r0);
+        auto Gb = G.narrow(0, 0, nb);
+        T* gp = Gb.data_ptr<T>();
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t i = r0 + r;
+          const T* hr = hp + i * F;
+          T* gr = gp + r * Fa;
+          const T a = alpha[i], b = beta[i];
+          if (all) {
+            for (int64_t c = 0; c < Fa; ++c) gr[c] = hr[c] > T(0) ? a + b * hr[c] : T(0);
+          } else {
+            for (int64_t c = 0; c < Fa; ++c) {
+              const T v = hr[cols[c]];
+              gr[c] = v > T(0) ? a + b * v : T(0);
+            }
+          }
+          for (int64_t c = 0; c < m; ++c) {  // the row's sparse entries on dense columns
+            const int64_t e = i * m + c;
+            const int64_t p = pos[sp_idx[e]];
+            if (p >= 0) gr[p] += sp_g[e];
+          }
+        }
+        dW_A.addmm_(Gb.t(), xt.narrow(0, r0, nb));
+        db_A.add_(Gb.sum(0));
+        if (need_dx) dx.narrow(0, r0, nb).addmm_(Gb, W_A);
+      }
+      if (!all) {
+        dW.index_copy_(0, cols_t, dW_A);
+        db.index_copy_(0, cols_t, db_A);
+      }
+    }
+  }
+  sparse_part<T>(xt, W_enc, sp_idx, sp_g, B, m, F, pos, dW, db, dx);
+  auto db_dec = -torch::mv(W_enc.t(), db);
+  return {dW, db, db_dec, dx};
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const torch::Tensor& W_enc,
+                                                const torch::Tensor& b_dec, const torch::Tensor& h,
+                                                const torch::Tensor& active, const torch::Tensor& n1,
+                                                const torch::Tensor& n2, const torch::Tensor& sp_indices,
+                                                const torch::Tensor& sp_grad,
+                                                const std::optional<torch::Tensor>& coef_off,
+                                                const std::optional<torch::Tensor>& coef_ratio, double eps,
+                                                bool need_dx) {
+  for (const auto* t : {&x, &W_enc, &b_dec, &h, &active, &n1, &n2, &sp_indices, &sp_grad}) {
+    TORCH_CHECK(t->device().is_cpu(), "penalty_backward_cpu: every input must be on the CPU");
+    TORCH_CHECK(t->is_contiguous(), "penalty_backward_cpu: every input must be contiguous");
+  }
+  SAE_CHECK_DIM(x, 2); SAE_CHECK_DIM(W_enc, 2); SAE_CHECK_DIM(h, 2); SAE_CHECK_DIM(sp_indices, 2);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(W_enc.scalar_type() == dt && b_dec.scalar_type() == dt && h.scalar_type() == dt &&
+                  n1.scalar_type() == dt && n2.scalar_type() == dt && sp_grad.scalar_type() == dt,
+              "x, W_enc, b_dec, h, n1, n2 and sp_grad must share a dtype");
+  TORCH_CHECK(x.size(1) == W_enc.size(1), "x and W_enc must have the same width D");
+  TORCH_CHECK(h.size(0) == x.size(0) && h.size(1) == W_enc.size(0), "h must be B x F");
+  TORCH_CHECK(active.scalar_type() == torch::kBool && active.numel() == W_enc.size(0), "active must be F bools");
+  TORCH_CHECK(sp_indices.scalar_type() == torch::kInt64, "sp_indices must be int64");
+  TORCH_CHECK(sp_indices.sizes() == sp_grad.sizes() && sp_indices.size(0) == x.size(0),
+              "sp_indices and sp_grad must both be B x m");
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(dt, "penalty_backward_cpu", [&] {
+    out = penalty_backward_impl<scalar_t>(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off,
+                                          coef_ratio, eps, need_dx);
+  });
+  return out;
+}
+
+}  // namespace sparse_sae

@@ -1,0 +1,340 @@
+// CPU selection: per row the top-k (or BatchTopK / threshold) values and indices in rank
+// order (descending value, ties to the lower index), the row threshold, the fired counts and
+// batch-active set, the row l1/l2 norms over the batch-active units, and the AuxK candidates.
+//
+// Top-k is a bounded heap per row in one pass that also accumulates the row's sum and sum
+// of squares; the norms over A then only subtract the (usually few) inactive columns instead
+// of a second full pass. BatchTopK finds the global threshold by radix select.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "kernels.h"
+#include "select_common.h"
+
+namespace sparse_sae {
+namespace {
+
+template <typename T>
+struct Entry {
+  T v;
+  int64_t i;
+};
+
+template <typename T>
+struct RanksBefore {
+  bool operator()(const Entry<T>& a, const Entry<T>& b) const { return ranks_before(a.v, a.i, b.v, b.i); }
+};
+
+// Keeps the k entries of a row that rank first. Entries arrive in increasing index order, so
+// a newcomer equal to the worst kept entry never displaces it (ties go to the lower index).
+template <typename T>
+struct TopKHeap {
+  std::vector<Entry<T>> heap;  // a heap under RanksBefore: front() is the worst kept entry
+  int64_t k = 0;
+
+  void reset(int64_t k_) {
+    k = k_;
+    heap.clear();
+    heap.reserve(k_);
+  }
+  inline void push(T v, int64_t i) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push_back({v, i});
+      std::push_heap(heap.begin(), heap.end(), RanksBefore<T>());
+    } else if (k > 0 && v > heap.front().v) {
+      std::pop_heap(heap.begin(), heap.end(), RanksBefore<T>());
+      heap.back() = {v, i};
+      std::push_heap(heap.begin(), heap.end(), RanksBefore<T>());
+    }
+  }
+  void sort() { std::sort_heap(heap.begin(), heap.end(), RanksBefore<T>()); }  // best first
+};
+
+// Writes a row's ranked entries, then pads to `width` with value 0 at the lowest unselected
+// indices (the reference's packing order).
+template <typename T>
+void write_packed(const std::vector<Entry<T>>& ranked, int64_t width, int64_t F, T* values, int64_t* indices,
+                  std::vector<char>& taken) {
+  const int64_t n = std::min<int64_t>(ranked.size(), width);
+  for (int64_t j = 0; j < n; ++j) {
+    values[j] = ranked[j].v;
+    indices[j] = ranked[j].i;
+  }
+  if (n == width) return;
+  taken.assign(F, 0);
+  for (int64_t j = 0; j < n; ++j) taken[ranked[j].i] = 1;
+  int64_t next = 0;
+  for (int64_t j = n; j < width; ++j) {
+    while (taken[next]) ++next;
+    values[j] = T(0);
+    indices[j] = next++;
+  }
+}
+
+// AuxK candidates of one row: the k_aux largest entries among dead latents (clamped at 0),
+// then, if there are fewer dead latents, zero-valued picks of the lowest live indices.
+template <typename T>
+void write_aux(TopKHeap<T>& aux, const bool* dead, int64_t F, T* values, int64_t* indices) {
+  aux.sort();
+  const int64_t k_aux = aux.k;
+  int64_t n = static_cast<int64_t>(aux.heap.size());
+  for (int64_t j = 0; j < n; ++j) {
+    values[j] = std::max(aux.heap[j].v, T(0));
+    indices[j] = aux.heap[j].i;
+  }
+  for (int64_t c = 0; n < k_aux && c < F; ++c) {
+    if (!dead[c]) {
+      values[n] = T(0);
+      indices[n++] = c;
+    }
+  }
+}
+
+template <typename T>
+struct RowStats {
+  std::vector<double> sum, sq;  // per row, over every column
+};
+
+// One pass per row for Top-k: heap, row sums and the AuxK heap.
+template <typename T>
+void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* indices, const bool* dead,
+               int64_t k_aux, T* aux_values, int64_t* aux_indices, RowStats<T>& stats) {
+#pragma omp parallel
+  {
+    TopKHeap<T> heap, aux;
+    std::vector<char> taken;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B; ++i) {
+      const T* row = h + i * F;
+      heap.reset(k);
+      aux.reset(dead ? k_aux : 0);
+      double s = 0, q = 0;
+      for (int64_t j = 0; j < F; ++j) {
+        const T v = row[j];
+        s += v;
+        q += double(v) * double(v);
+        heap.push(v, j);
+        if (dead && dead[j]) aux.push(v, j);
+      }
+      stats.sum[i] = s;
+      stats.sq[i] = q;
+      heap.sort();
+      write_packed(heap.heap, k, F, values + i * k, indices + i * k, taken);
+      if (dead) write_aux(aux, dead, F, aux_values + i * k_aux, aux_indices + i * k_aux);
+    }
+  }
+}
+
+// Sums and AuxK heaps for the packing modes, in a pass of their own.
+template <typename T>
+void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_aux, T* aux_values,
+                  int64_t* aux_indices, RowStats<T>& stats) {
+#pragma omp parallel
+  {
+    TopKHeap<T> aux;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B; ++i) {
+      const T* row = h + i * F;
+      aux.reset(dead ? k_aux : 0);
+      double s = 0, q = 0;
+      for (int64_t j = 0; j < F; ++j) {
+        s += row[j];
+        q += double(row[j]) * double(row[j]);
+        if (dead && dead[j]) aux.push(row[j], j);
+      }
+      stats.sum[i] = s;
+      stats.sq[i] = q;
+      if (dead) write_aux(aux, dead, F, aux_values + i * k_aux, aux_indices + i * k_aux);
+    }
+  }
+}
+
+// The key of the n-th largest entry of h (flat) by radix select, and how many entries equal
+// to it are selected (the lowest flat indices among them).
+template <typename T, typename Key>
+std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
+  constexpr int kKeyBits = sizeof(Key) * 8;
+  constexpr int kDigitBits = sizeof(Key) == 4 ? 11 : 16;
+  constexpr int kBins = 1 << kDigitBits;
+  RadixSelectState<Key> st;
+  st.remaining = n;
+  std::vector<int64_t> hist(kBins);
+  for (int shift = kKeyBits - kDigitBits; shift > -kDigitBits; shift -= kDigitBits) {
+    const int s = std::max(shift, 0);
+    const int bits = shift >= 0 ? kDigitBits : kDigitBits + shift;
+    std::fill(hist.begin(), hist.end(), 0);
+#pragma omp parallel
+    {
+      std::vector<int64_t> local(kBins, 0);
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < N; ++e) {
+        const Key key = ordered_key(h[e]);
+        if ((key & st.prefix_mask) == st.prefix) ++local[radix_digit(key, s, bits)];
+      }
+#pragma omp critical
+      for (int b = 0; b < kBins; ++b) hist[b] += local[b];
+    }
+    radix_select_step(st, hist.data(), s, bits);
+  }
+  return {st.prefix, st.remaining};
+}
+
+template <typename T>
+std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
+                                       const std::optional<torch::Tensor>& threshold,
+                                       const std::optional<torch::Tensor>& dead_t, int64_t k_aux) {
+  using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const int64_t B = h.size(0), F = h.size(1);
+  const T* hp = h.data_ptr<T>();
+  auto opts = h.options();
+  auto acc = opts.dtype(std::is_same_v<T, double> ? torch::kFloat64 : torch::kFloat32);
+  const bool* dead = dead_t.has_value() && k_aux > 0 ? dead_t->data_ptr<bool>() : nullptr;
+  k_aux = dead ? std::min(k_aux, F) : 0;
+  auto aux_values = torch::zeros({B, k_aux}, opts);
+  auto aux_indices = torch::zeros({B, k_aux}, opts.dtype(torch::kInt64));
+  RowStats<T> stats{std::vector<double>(B), std::vector<double>(B)};
+  torch::Tensor values, indices;
+
+  if (mode == "topk") {
+    values = torch::empty({B, k}, opts);
+    indices = torch::empty({B, k}, opts.dtype(torch::kInt64));
+    topk_rows<T>(hp, B, F, k, values.data_ptr<T>(), indices.data_ptr<int64_t>(), dead, k_aux,
+                 aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats);
+  } else {
+    sums_and_aux<T>(hp, B, F, dead, k_aux, aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats);
+    // which entries of each row are selected: key > cut, or key == cut for the first
+    // take_eq[i] such entries of row i (ties to the lower flat index)
+    std::vector<int64_t> take_eq(B, 0), count(B, 0);
+    Key cut = 0;
+    const T* thr = nullptr;
+    if (mode == "batchtopk") {
+      auto [key, n_eq] = batch_threshold<T, Key>(hp, B * F, B * k);
+      cut = key;
+      std::vector<int64_t> eq(B, 0);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < B; ++i) {
+        int64_t gt = 0, e = 0;
+        for (int64_t j = 0; j < F; ++j) {
+          const Key kj = ordered_key(hp[i * F + j]);
+          gt += kj > cut;
+          e += kj == cut;
+        }
+        count[i] = gt;
+        eq[i] = e;
+      }
+      for (int64_t i = 0; i < B; ++i) {
+        take_eq[i] = std::min(eq[i], n_eq);
+        n_eq -= take_eq[i];
+        count[i] += take_eq[i];
+      }
+    } else {
+      thr = threshold->data_ptr<T>();
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < B; ++i) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < F; ++j) c += hp[i * F + j] > thr[j];
+        count[i] = c;
+      }
+    }
+    if (width <= 0) width = std::max<int64_t>(1, *std::max_element(count.begin(), count.end()));
+    width = std::min(width, F);
+    values = torch::empty({B, width}, opts);
+    indices = torch::empty({B, width}, opts.dtype(torch::kInt64));
+    T* vp = values.data_ptr<T>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+#pragma omp parallel
+    {
+      std::vector<Entry<T>> picked;
+      std::vector<char> taken;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < B; ++i) {
+        const T* row = hp + i * F;
+        picked.clear();
+        int64_t eq_left = take_eq[i];
+        for (int64_t j = 0; j < F; ++j) {
+          bool sel;
+          if (thr) {
+            sel = row[j] > thr[j];
+          } else {
+            const Key kj = ordered_key(row[j]);
+            sel = kj > cut || (kj == cut && eq_left-- > 0);
+          }
+          if (sel) picked.push_back({row[j], j});
+        }
+        std::sort(picked.begin(), picked.end(), RanksBefore<T>());
+        write_packed(picked, width, F, vp + i * width, ip + i * width, taken);
+      }
+    }
+  }
+
+  // fired counts and the batch-active set, in row order (deterministic)
+  const int64_t W = values.size(1);
+  auto fired = torch::zeros({F}, opts.dtype(torch::kInt64));
+  int64_t* fp = fired.data_ptr<int64_t>();
+  const T* vp = values.data_ptr<T>();
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  for (int64_t e = 0; e < B * W; ++e) fp[ip[e]] += vp[e] > T(0);
+  auto active = fired.gt(0);
+  const bool* ap = active.data_ptr<bool>();
+
+  // row norms over A: subtract the inactive columns from the full-row sums when they are
+  // the minority, else sum the active columns directly
+  std::vector<int64_t> inactive, act;
+  for (int64_t j = 0; j < F; ++j) (ap[j] ? act : inactive).push_back(j);
+  const bool subtract = inactive.size() <= act.size();
+  const std::vector<int64_t>& cols = subtract ? inactive : act;
+  torch::Tensor n1 = torch::empty({B}, acc), n2 = torch::empty({B}, acc);
+  T* n1p = n1.data_ptr<T>();  // the accumulation dtype is T itself for float and double
+  T* n2p = n2.data_ptr<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    const T* row = hp + i * F;
+    double s = 0, q = 0;
+    for (int64_t j : cols) {
+      s += row[j];
+      q += double(row[j]) * double(row[j]);
+    }
+    if (subtract) {
+      s = stats.sum[i] - s;
+      q = std::max(stats.sq[i] - q, 0.0);
+    }
+    n1p[i] = static_cast<T>(s);
+    n2p[i] = static_cast<T>(std::sqrt(q));
+  }
+  auto row_threshold = W > 0 ? std::get<0>(values.min(1)).clamp_min(0) : torch::zeros({B}, opts);
+  return {values, indices, row_threshold, active, fired, n1, n2, aux_values, aux_indices};
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
+                                      const std::optional<torch::Tensor>& threshold,
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux) {
+  SAE_CHECK_CPU(h);
+  SAE_CHECK_DIM(h, 2);
+  SAE_CHECK_CONTIG(h);
+  const int64_t F = h.size(1);
+  TORCH_CHECK(mode == "topk" || mode == "batchtopk" || mode == "threshold",
+              "mode must be topk, batchtopk or threshold, got ", mode);
+  if (mode != "threshold") TORCH_CHECK(k >= 1 && k <= F, "k must be in [1, ", F, "], got ", k);
+  if (mode == "threshold") {
+    TORCH_CHECK(threshold.has_value(), "mode threshold needs a threshold tensor");
+    TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == F && threshold->is_contiguous() &&
+                    threshold->scalar_type() == h.scalar_type(),
+                "threshold must be a contiguous 1-D tensor of F = ", F, " entries of h's dtype");
+  }
+  if (dead.has_value()) {
+    TORCH_CHECK(dead->scalar_type() == torch::kBool && dead->dim() == 1 && dead->size(0) == F &&
+                    dead->is_contiguous(),
+                "dead must be a contiguous bool tensor of F = ", F, " entries");
+  }
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "select_cpu", [&] {
+    out = select_impl<scalar_t>(h, k, mode, width, threshold, dead, k_aux);
+  });
+  return out;
+}
+
+}  // namespace sparse_sae
