@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "csc.h"
 #include "kernels.h"
+#include "vec.h"
 
 namespace sparse_sae {
 namespace {
@@ -34,10 +35,8 @@ void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int6
     T bsum = 0;
     for (int64_t p = g.start[j]; p < g.start[j + 1]; ++p) {
       const int64_t e = g.entry[p];
-      const T ge = sp_g[e];
-      const T* xr = xp + (e / m) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += ge * xr[d];
-      bsum += ge;
+      vec::axpy(out, sp_g[e], xp + (e / m) * D, D);
+      bsum += sp_g[e];
     }
     dbp[j] += bsum;
   }
@@ -50,9 +49,7 @@ void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int6
     for (int64_t c = 0; c < m; ++c) {
       const int64_t e = i * m + c;
       if (!keep(e)) continue;
-      const T ge = sp_g[e];
-      const T* wr = wp + sp_idx[e] * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += ge * wr[d];
+      vec::axpy(out, sp_g[e], wp + sp_idx[e] * D, D);
     }
   }
 }
@@ -116,7 +113,7 @@ std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const t
           T* gr = gp + r * Fa;
           const T a = alpha[i], b = beta[i];
           if (all) {
-            for (int64_t c = 0; c < Fa; ++c) gr[c] = hr[c] > T(0) ? a + b * hr[c] : T(0);
+            vec::penalty_row(gr, hr, a, b, Fa);
           } else {
             for (int64_t c = 0; c < Fa; ++c) {
               const T v = hr[cols[c]];

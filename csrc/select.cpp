@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "kernels.h"
 #include "select_common.h"
+#include "vec.h"
 
 namespace sparse_sae {
 namespace {
@@ -110,16 +111,12 @@ void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* 
       const T* row = h + i * F;
       heap.reset(k);
       aux.reset(dead ? k_aux : 0);
-      double s = 0, q = 0;
-      for (int64_t j = 0; j < F; ++j) {
-        const T v = row[j];
-        s += v;
-        q += double(v) * double(v);
-        heap.push(v, j);
-        if (dead && dead[j]) aux.push(v, j);
-      }
-      stats.sum[i] = s;
-      stats.sq[i] = q;
+      stats.sum[i] = stats.sq[i] = 0;
+      vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
+      for (int64_t j = 0; j < F; ++j) heap.push(row[j], j);
+      if (dead)
+        for (int64_t j = 0; j < F; ++j)
+          if (dead[j]) aux.push(row[j], j);
       heap.sort();
       write_packed(heap.heap, k, F, values + i * k, indices + i * k, taken);
       if (dead) write_aux(aux, dead, F, aux_values + i * k_aux, aux_indices + i * k_aux);
@@ -138,14 +135,11 @@ void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_
     for (int64_t i = 0; i < B; ++i) {
       const T* row = h + i * F;
       aux.reset(dead ? k_aux : 0);
-      double s = 0, q = 0;
-      for (int64_t j = 0; j < F; ++j) {
-        s += row[j];
-        q += double(row[j]) * double(row[j]);
-        if (dead && dead[j]) aux.push(row[j], j);
-      }
-      stats.sum[i] = s;
-      stats.sq[i] = q;
+      stats.sum[i] = stats.sq[i] = 0;
+      vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
+      if (dead)
+        for (int64_t j = 0; j < F; ++j)
+          if (dead[j]) aux.push(row[j], j);
       if (dead) write_aux(aux, dead, F, aux_values + i * k_aux, aux_indices + i * k_aux);
     }
   }

@@ -4,6 +4,7 @@
 #include "checks.h"
 #include "csc.h"
 #include "kernels.h"
+#include "vec.h"
 
 namespace sparse_sae {
 
@@ -17,8 +18,7 @@ static void sparse_decode_rows(const scalar_t* values, const int64_t* indices, c
     for (int64_t j = 0; j < K; ++j) {
       const scalar_t v = values[i * K + j];
       if (v == scalar_t(0)) continue;  // an unselected or zero entry carries nothing
-      const scalar_t* w = w_dec + indices[i * K + j] * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += v * w[d];
+      vec::axpy(o, v, w_dec + indices[i * K + j] * D, D);
     }
   }
 }
@@ -59,10 +59,7 @@ static void sparse_decode_backward_impl(const scalar_t* grad, const scalar_t* va
   for (int64_t i = 0; i < B; ++i) {
     const scalar_t* g = grad + i * D;
     for (int64_t j = 0; j < K; ++j) {
-      const scalar_t* w = w_dec + indices[i * K + j] * D;
-      scalar_t s = 0;
-      for (int64_t d = 0; d < D; ++d) s += g[d] * w[d];
-      d_values[i * K + j] = s;
+      d_values[i * K + j] = vec::dot(g, w_dec + indices[i * K + j] * D, D);
     }
   }
   LatentGroups groups = group_by_latent(indices, B * K, F, [&](int64_t e) { return values[e] != scalar_t(0); });
@@ -71,9 +68,7 @@ static void sparse_decode_backward_impl(const scalar_t* grad, const scalar_t* va
     scalar_t* out = dw + l * D;
     for (int64_t p = groups.start[l]; p < groups.start[l + 1]; ++p) {
       const int64_t e = groups.entry[p];
-      const scalar_t v = values[e];
-      const scalar_t* g = grad + (e / K) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += v * g[d];
+      vec::axpy(out, values[e], grad + (e / K) * D, D);
     }
   }
 }

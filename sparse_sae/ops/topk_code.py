@@ -72,6 +72,9 @@ def _setup_context(ctx, inputs, output):
     ctx.ratio_eps = ratio_eps
     ctx.save_for_backward(x, W_enc, b_dec, h, values, indices, aux_values, aux_indices, active, n1, n2)
     ctx.mark_non_differentiable(h, indices, aux_indices, threshold, active, fired, n1, n2)
+    # An unused penalty must arrive as None, not as a zero tensor: then plain Top-k pays no
+    # dense term in the backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_h, g_values, g_indices, g_aux_values, g_aux_indices, g_off, g_ratio, *_):

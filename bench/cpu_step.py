@@ -1,0 +1,153 @@
+"""One full training step (forward, backward, Adam) on the CPU: sparse_sae's CPU backend for
+plain Top-k and for Top-k with both paper penalties, against a dense-autograd PyTorch
+implementation of the same regularized loss (bench/dense_topk.py).
+
+Times are medians of interleaved steps (the variants take turns, so machine noise hits them
+alike); peak memory is the growth of the resident set during the steps, measured in a fresh
+process per variant. Writes JSON and a Markdown table.
+
+    python bench/cpu_step.py --out bench/results            # the shapes of bench/RESULTS.md
+    python bench/cpu_step.py --shapes 256,64,512,8 --steps 2  # a quick smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_topk import DenseTopKSAE  # noqa: E402
+
+import sparse_sae as S  # noqa: E402
+
+COEF_OFF, COEF_RATIO = 0.02, 0.01
+VARIANTS = ("ours_topk", "ours_regularized", "dense_regularized")
+DEFAULT_SHAPES = ["2048,512,8192,32", "4096,512,16384,64"]
+
+
+def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0):
+    torch.manual_seed(seed)
+    if variant == "ours_topk":
+        model = S.TopKSAE(D, F, k, check_inputs=False)
+    elif variant == "ours_regularized":
+        model = S.TopKSAE(D, F, k, [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)], check_inputs=False)
+    elif variant == "dense_regularized":
+        model = DenseTopKSAE(D, F, k, COEF_OFF, COEF_RATIO)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed + 1))
+
+    def step():
+        out = model(x)
+        loss = out.loss if isinstance(out, S.SAEOutput) else out[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def time_interleaved(shape, steps: int, warmup: int) -> dict:
+    fns = {v: make(v, *shape) for v in VARIANTS}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {v: [] for v in VARIANTS}
+    for _ in range(steps):
+        for v, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_mb(variant: str, shape, steps: int = 2) -> float:
+    """Resident-set growth (MB) over setup-and-first-step baseline, in a fresh process."""
+    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            f"import cpu_step\n"
+            f"fn = cpu_step.make({variant!r}, *{tuple(shape)!r})\n"
+            "import gc; gc.collect()\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"for _ in range({steps}): fn()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
+    # The baseline is taken after setup but before any step: parameters, Adam state (lazy,
+    # so counted in the peak for all alike) and the batch are excluded from neither side.
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def environment() -> dict:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    from sparse_sae.backends import backend_for
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "sparse_sae": S.__version__,
+            "backend": {op: backend_for(op, torch.device("cpu")) for op in
+                        ("encode", "select", "penalty_backward", "sparse_decode")},
+            "dtype": "float32", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="B,D,F,k (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=7, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out", type=Path, default=None, help="directory for cpu_step.json and cpu_step.md")
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.shapes:
+        shape = tuple(int(v) for v in spec.split(","))
+        times = time_interleaved(shape, args.steps, args.warmup)
+        row = {"B": shape[0], "D": shape[1], "F": shape[2], "k": shape[3]}
+        for v in VARIANTS:
+            ts = sorted(times[v])
+            row[v] = {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
+                      "p80_ms": 1e3 * ts[min(len(ts) - 1, (4 * len(ts)) // 5)]}
+            if not args.no_memory:
+                row[v]["peak_mb"] = peak_memory_mb(v, shape)
+        rows.append(row)
+        print(f"done {spec}", file=sys.stderr)
+    env = environment()
+    table = markdown(rows, env, args)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu_step.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        (args.out / "cpu_step.md").write_text(table + "\n")
+    return 0
+
+
+def markdown(rows, env, args) -> str:
+    lines = [f"CPU: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); torch {env['torch']}; "
+             f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; "
+             f"coefficients off={COEF_OFF}, ratio={COEF_RATIO}",
+             "",
+             "| B | D | F | k | ours Top-k (ms) | ours regularized (ms) | dense regularized (ms) | "
+             "regularized / Top-k | dense / ours regularized | peak MB ours reg. | peak MB dense | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = {v: r[v]["median_ms"] for v in VARIANTS}
+        mem = [r[v].get("peak_mb") for v in ("ours_regularized", "dense_regularized")]
+        mem_cells = [f"{m:.0f}" if m is not None else "not measured" for m in mem]
+        ratio = f"{mem[0] / mem[1]:.2f}" if None not in mem and mem[1] > 0 else "not measured"
+        lines.append(f"| {r['B']} | {r['D']} | {r['F']} | {r['k']} | {t['ours_topk']:.1f} | "
+                     f"{t['ours_regularized']:.1f} | {t['dense_regularized']:.1f} | "
+                     f"{t['ours_regularized'] / t['ours_topk']:.2f}x | {t['dense_regularized'] / t['ours_regularized']:.2f}x | "
+                     f"{mem_cells[0]} | {mem_cells[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
