@@ -41,6 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("W_enc"), py::arg("b_dec"), py::arg("h"), py::arg("active"), py::arg("n1"),
         py::arg("n2"), py::arg("sp_indices"), py::arg("sp_grad"), py::arg("coef_off"), py::arg("coef_ratio"),
         py::arg("eps"), py::arg("need_dx"));
+#ifdef SPARSE_SAE_WITH_CUDA
+  m.def("select_cuda", &sparse_sae::select_cuda, "select_cpu's contract on CUDA tensors", py::arg("h"),
+        py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"), py::arg("k_aux"));
+  m.def("group_by_latent_cuda", &sparse_sae::group_by_latent_cuda,
+        "Entries grouped by latent: (start[F + 1], entry ids)", py::arg("indices"), py::arg("n_latents"));
+#endif
   // Host-side selection logic, exposed for its unit tests.
   m.def("ordered_key_f32", [](float v) { return sparse_sae::ordered_key(v); });
   m.def("ordered_key_f64", [](double v) { return sparse_sae::ordered_key(v); });

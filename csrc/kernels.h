@@ -29,4 +29,13 @@ std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const to
                                                 const std::optional<torch::Tensor>& coef_ratio, double eps,
                                                 bool need_dx);
 
+#ifdef SPARSE_SAE_WITH_CUDA
+// CUDA selection (select_cuda.cpp); same outputs as select_cpu, with float32 norms.
+std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
+                                       const std::optional<torch::Tensor>& threshold,
+                                       const std::optional<torch::Tensor>& dead, int64_t k_aux);
+// Entries of `indices` grouped by latent: {start (F + 1), entry ids (row-major within a latent)}.
+std::vector<torch::Tensor> group_by_latent_cuda(const torch::Tensor& indices, int64_t F);
+#endif
+
 }  // namespace sparse_sae

@@ -152,8 +152,7 @@ std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
   constexpr int kKeyBits = sizeof(Key) * 8;
   constexpr int kDigitBits = sizeof(Key) == 4 ? 11 : 16;
   constexpr int kBins = 1 << kDigitBits;
-  RadixSelectState<Key> st;
-  st.remaining = n;
+  RadixSelectState<Key> st{0, 0, n};
   std::vector<int64_t> hist(kBins);
   for (int shift = kKeyBits - kDigitBits; shift > -kDigitBits; shift -= kDigitBits) {
     const int s = std::max(shift, 0);

@@ -45,6 +45,12 @@ SAE_HD float float_from_key(uint32_t key) {
   return v;
 }
 
+// Sort key of an entry in rank order (ascending sort key = descending value, then ascending
+// index) for keys of at most 32 bits and indices below 2^32.
+SAE_HD uint64_t rank_sort_key(uint32_t key, uint32_t index) {
+  return (static_cast<uint64_t>(~key) << 32) | index;
+}
+
 // ---------------------------------------------------------------------------------------
 // Tie rule: entry (v1, i1) ranks before (v2, i2) when its value is larger, or equal with a
 // lower index. Top-k keeps the k entries that rank first; output is in rank order.
@@ -59,11 +65,13 @@ SAE_HD bool ranks_before(T v1, int64_t i1, T v2, int64_t i2) {
 // the candidates (entries whose key matches `prefix` on the digits fixed so far), pick the
 // digit holding the n-th largest candidate.
 // ---------------------------------------------------------------------------------------
+// Plain aggregate (no default member initializers), so it can live in CUDA shared memory;
+// start it as {0, 0, n}.
 template <typename Key>
 struct RadixSelectState {
-  Key prefix = 0;         // digits fixed so far
-  Key prefix_mask = 0;    // which bits of prefix are fixed
-  int64_t remaining = 0;  // rank of the target among the candidates (1-based, from the top)
+  Key prefix;         // digits fixed so far
+  Key prefix_mask;    // which bits of prefix are fixed
+  int64_t remaining;  // rank of the target among the candidates (1-based, from the top)
 };
 
 SAE_HD uint32_t radix_digit(uint64_t key, int shift, int bits) {
@@ -72,14 +80,14 @@ SAE_HD uint32_t radix_digit(uint64_t key, int shift, int bits) {
 
 // Given the histogram of the current pass (`n_bins` = 2^bits counts), fixes the digit that
 // holds the state's target and returns the number of candidates above that digit.
-template <typename Key>
-SAE_HD int64_t radix_select_step(RadixSelectState<Key>& st, const int64_t* hist, int shift, int bits) {
+template <typename Key, typename Count>
+SAE_HD int64_t radix_select_step(RadixSelectState<Key>& st, const Count* hist, int shift, int bits) {
   const int n_bins = 1 << bits;
   int64_t above = 0;
   int digit = n_bins - 1;
   for (; digit > 0; --digit) {
-    if (above + hist[digit] >= st.remaining) break;
-    above += hist[digit];
+    if (above + static_cast<int64_t>(hist[digit]) >= st.remaining) break;
+    above += static_cast<int64_t>(hist[digit]);
   }
   st.remaining -= above;
   st.prefix |= static_cast<Key>(digit) << shift;

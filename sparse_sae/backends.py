@@ -80,8 +80,12 @@ def dispatch(op: str, device: torch.device) -> Callable:
 def unavailable_reason(backend: str) -> str:
     if backend == "cpu":
         return "the extension is built" if _C is not None else f"extension not built: {_C_ERROR}"
-    if backend in ("triton", "cuda"):
-        return "no kernel for this op has landed yet"
+    if backend == "cuda":
+        if _C is None:
+            return f"extension not built: {_C_ERROR}"
+        return "the CUDA part is built" if _C.with_cuda else "the extension was built without CUDA"
+    if backend == "triton":
+        return "no Triton kernel for this op"
     return "always available"
 
 

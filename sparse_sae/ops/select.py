@@ -100,6 +100,22 @@ def _select_cpu(h, k, mode, width, threshold, dead, k_aux):
                                dead.contiguous() if dead is not None else None, k_aux))
 
 
+# Limits of the CUDA kernel (csrc/cuda/select.h: kMaxSelect entries per row).
+CUDA_MAX_SELECT = 2048
+
+
+def _select_cuda(h, k, mode, width, threshold, dead, k_aux):
+    if (h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or h.shape[1] >= 2 ** 31
+            or max(k if mode == "topk" else 0, k_aux, width) > CUDA_MAX_SELECT):
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+    if threshold is not None:
+        threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
+    return tuple(_C.select_cuda(h.contiguous(), k, mode, width, threshold,
+                                dead.contiguous() if dead is not None else None, k_aux))
+
+
 register_impl("select", "reference", _select_reference)
 if _C is not None:
     register_impl("select", "cpu", _select_cpu)
+    if _C.with_cuda:
+        register_impl("select", "cuda", _select_cuda)
