@@ -30,27 +30,46 @@ struct RanksBefore {
 
 // Keeps the k entries of a row that rank first. Entries arrive in increasing index order, so
 // a newcomer equal to the worst kept entry never displaces it (ties go to the lower index).
+// Candidates above the worst kept value are appended to a buffer, which is cut back to the
+// best k (nth_element) when it fills up: O(1) per candidate instead of a heap update.
 template <typename T>
-struct TopKHeap {
-  std::vector<Entry<T>> heap;  // a heap under RanksBefore: front() is the worst kept entry
-  int64_t k = 0;
+struct TopKBuffer {
+  std::vector<Entry<T>> items;
+  int64_t k = 0, cap = 0;
+  bool full = false;  // k entries seen: `worst` is valid
+  T worst = T(0);
 
   void reset(int64_t k_) {
     k = k_;
-    heap.clear();
-    heap.reserve(k_);
+    cap = std::max<int64_t>(4 * k_, 64);
+    items.clear();
+    items.reserve(cap);
+    full = false;
   }
   inline void push(T v, int64_t i) {
-    if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push_back({v, i});
-      std::push_heap(heap.begin(), heap.end(), RanksBefore<T>());
-    } else if (k > 0 && v > heap.front().v) {
-      std::pop_heap(heap.begin(), heap.end(), RanksBefore<T>());
-      heap.back() = {v, i};
-      std::push_heap(heap.begin(), heap.end(), RanksBefore<T>());
+    if (full) {
+      if (!(v > worst)) return;
+      items.push_back({v, i});
+      if (static_cast<int64_t>(items.size()) >= cap) cut();
+    } else if (k > 0) {
+      items.push_back({v, i});
+      if (static_cast<int64_t>(items.size()) == k) {
+        cut();
+        full = true;
+      }
     }
   }
-  void sort() { std::sort_heap(heap.begin(), heap.end(), RanksBefore<T>()); }  // best first
+  void cut() {
+    std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), RanksBefore<T>());
+    items.resize(k);
+    worst = items[k - 1].v;
+  }
+  // The kept entries, best first.
+  const std::vector<Entry<T>>& sorted() {
+    if (static_cast<int64_t>(items.size()) > k) cut();
+    std::sort(items.begin(), items.end(), RanksBefore<T>());
+    return items;
+  }
 };
 
 // Writes a row's ranked entries, then pads to `width` with value 0 at the lowest unselected
@@ -77,13 +96,13 @@ void write_packed(const std::vector<Entry<T>>& ranked, int64_t width, int64_t F,
 // AuxK candidates of one row: the k_aux largest entries among dead latents (clamped at 0),
 // then, if there are fewer dead latents, zero-valued picks of the lowest live indices.
 template <typename T>
-void write_aux(TopKHeap<T>& aux, const bool* dead, int64_t F, T* values, int64_t* indices) {
-  aux.sort();
+void write_aux(TopKBuffer<T>& aux, const bool* dead, int64_t F, T* values, int64_t* indices) {
+  const std::vector<Entry<T>>& kept = aux.sorted();
   const int64_t k_aux = aux.k;
-  int64_t n = static_cast<int64_t>(aux.heap.size());
+  int64_t n = static_cast<int64_t>(kept.size());
   for (int64_t j = 0; j < n; ++j) {
-    values[j] = std::max(aux.heap[j].v, T(0));
-    indices[j] = aux.heap[j].i;
+    values[j] = std::max(kept[j].v, T(0));
+    indices[j] = kept[j].i;
   }
   for (int64_t c = 0; n < k_aux && c < F; ++c) {
     if (!dead[c]) {
@@ -98,13 +117,13 @@ struct RowStats {
   std::vector<double> sum, sq;  // per row, over every column
 };
 
-// One pass per row for Top-k: heap, row sums and the AuxK heap.
+// One pass per row for Top-k: selection buffer, row sums and the AuxK buffer.
 template <typename T>
 void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* indices, const bool* dead,
                int64_t k_aux, T* aux_values, int64_t* aux_indices, RowStats<T>& stats) {
 #pragma omp parallel
   {
-    TopKHeap<T> heap, aux;
+    TopKBuffer<T> heap, aux;
     std::vector<char> taken;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B; ++i) {
@@ -117,8 +136,7 @@ void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* 
       if (dead)
         for (int64_t j = 0; j < F; ++j)
           if (dead[j]) aux.push(row[j], j);
-      heap.sort();
-      write_packed(heap.heap, k, F, values + i * k, indices + i * k, taken);
+      write_packed(heap.sorted(), k, F, values + i * k, indices + i * k, taken);
       if (dead) write_aux(aux, dead, F, aux_values + i * k_aux, aux_indices + i * k_aux);
     }
   }
@@ -130,7 +148,7 @@ void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_
                   int64_t* aux_indices, RowStats<T>& stats) {
 #pragma omp parallel
   {
-    TopKHeap<T> aux;
+    TopKBuffer<T> aux;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B; ++i) {
       const T* row = h + i * F;
