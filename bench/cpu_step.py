@@ -3,8 +3,10 @@ plain Top-k and for Top-k with both paper penalties, against a dense-autograd Py
 implementation of the same regularized loss (bench/dense_topk.py).
 
 Times are medians of interleaved steps (the variants take turns, so machine noise hits them
-alike); peak memory is the growth of the resident set during the steps, measured in a fresh
-process per variant. Writes JSON and a Markdown table.
+alike); peak memory is the growth of the resident set's high-water mark during two steps
+over the state after setup (parameters and batch; Adam's state is allocated in the first
+step, so it is counted, alike for all), in a fresh process per variant. Writes JSON and a
+Markdown table.
 
     python bench/cpu_step.py --out bench/results            # the shapes of bench/RESULTS.md
     python bench/cpu_step.py --shapes 256,64,512,8 --steps 2  # a quick smoke run
@@ -15,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,18 +72,22 @@ def time_interleaved(shape, steps: int, warmup: int) -> dict:
 
 
 def peak_memory_mb(variant: str, shape, steps: int = 2) -> float:
-    """Resident-set growth (MB) over setup-and-first-step baseline, in a fresh process."""
-    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-            f"import cpu_step\n"
+    """Growth of the resident set's high-water mark (MB) over a setup-only baseline, in a fresh
+    process. VmHWM, not ru_maxrss: the latter carries the parent's peak across exec."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            "import cpu_step\n"
             f"fn = cpu_step.make({variant!r}, *{tuple(shape)!r})\n"
-            "import gc; gc.collect()\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "base = cpu_step.vm_hwm_kb()\n"
             f"for _ in range({steps}): fn()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
-    # The baseline is taken after setup but before any step: parameters, Adam state (lazy,
-    # so counted in the peak for all alike) and the batch are excluded from neither side.
+            "print(cpu_step.vm_hwm_kb() - base)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def vm_hwm_kb() -> int:
+    """This process's peak resident set (kB) from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def environment() -> dict:
