@@ -26,13 +26,13 @@ class TrainConfig:
 
     # --- data
     data: str | None = None            # .npy file, directory of .npy files, or directory of safetensors shards
-    data_key: str | None = None        # tensor name inside the shards (default: the only one)
+    data_key: str | None = None        # tensor name inside the shards (default: the only one there)
     memory_budget_mb: float = 1024.0   # rows held in memory at once for shuffling
-    shuffle: bool = True
+    shuffle: bool = True               # shuffle rows (within the memory budget)
     # --- model
     architecture: str = "topk"         # topk | batchtopk | relu | jumprelu
     n_latents: int | None = None       # SAE width; default expansion_factor * d_in
-    expansion_factor: int = 16
+    expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
     k: int = 32                        # active latents per row (topk, batchtopk)
     off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk)
     l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk)
