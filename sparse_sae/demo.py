@@ -81,22 +81,22 @@ def plot(results: dict, curves: dict, k: int, path) -> None:
     plt.close(fig)
 
 
-def run_demo(steps: int = 300, batch_size: int = 512, n_latents: int = 3072, k: int = 12, seed: int = 0,
-             n_features: int = 3072, d: int = 192, plot_path: str | None = "sparse_sae_demo.png",
+def run_demo(steps: int = 1500, batch_size: int = 128, n_latents: int = 2048, k: int = 8, seed: int = 0,
+             n_features: int = 2048, d: int = 192, lr: float = 8e-3, plot_path: str | None = "sparse_sae_demo.png",
              progress: bool = True, print_fn=print) -> dict:
     """Trains the three variants with the same budget, prints a table, writes the plot; returns the rows."""
     t0 = time.perf_counter()
     data = make_synthetic(n_features=n_features, d=d, seed=seed)
-    pool = data.sample(steps * batch_size // 2 + batch_size, torch.Generator().manual_seed(seed + 1))
+    pool = data.sample(steps * batch_size, torch.Generator().manual_seed(seed + 1))   # each row seen once
     held_out = data.sample(4096, torch.Generator().manual_seed(seed + 2))
     scale = input_scale_for(pool[:8192])
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=4e-3, warmup_steps=max(1, steps // 20),
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
                       decay_start=0.7, grad_clip=1.0, seed=seed, dead_after_tokens=min(50_000, pool.shape[0]),
                       out_dir=None, log_every=max(1, steps // 50), progress=progress, device="cpu",
                       memory_budget_mb=4096)
     print_fn(f"sparse_sae demo: {data.n_features} ground-truth features in d={data.d} "
              f"(power-law frequencies, correlated groups of {data.group_size}); SAE with {n_latents} latents, "
-             f"k={k}; {steps} steps of {batch_size} rows per variant (each row seen about twice)")
+             f"k={k}; {steps} steps of {batch_size} rows per variant")
     results, curves = {}, {}
     for name, penalties in VARIANTS.items():
         torch.manual_seed(seed)

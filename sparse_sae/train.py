@@ -240,6 +240,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=False,
                    disable=not (cfg.progress and self.ctx.is_main))
         rows, start = 0, time.perf_counter()
+        flush = self.device.type == "cpu" and cfg.flush_denormal
+        if flush:
+            torch.set_flush_denormal(True)
         try:
             while self.step < cfg.steps:
                 x = self.loader.next_batch().to(self.device, sae.W_enc.dtype, non_blocking=True)
@@ -262,6 +265,8 @@ class Trainer:
                 if self.ctx.is_main:
                     sae.save(Path(cfg.out_dir) / FINAL_DIR)
         finally:
+            if flush:
+                torch.set_flush_denormal(False)
             bar.close()
             if self._log is not None:
                 self._log.close()
