@@ -121,7 +121,10 @@ def run_demo(steps: int = 1500, batch_size: int = 128, n_latents: int = 2048, k:
              f"training rows; recov>0.9: fraction of true features whose best latent has cosine > 0.9; "
              f"FVU@k/2, FVU@2k: the same SAE run at inference k={max(1, k // 2)} and {2 * k}.")
     if plot_path:
-        plot(results, curves, k, plot_path)
-        print_fn(f"plot written to {plot_path}")
+        try:
+            plot(results, curves, k, plot_path)
+            print_fn(f"plot written to {plot_path}")
+        except ImportError:
+            print_fn("plot skipped: matplotlib is not installed (pip install matplotlib, or rerun `make setup`)")
     print_fn(f"total time {time.perf_counter() - t0:.0f} s")
     return results

@@ -57,6 +57,11 @@ def test_vision_extraction(tmp_path, kind):
     assert meta["n_rows"] == 5 * n_patches and meta["d"] == HIDDEN and meta["n_shards"] == 3
     src = open_source(tmp_path / "patch")
     assert (src.n_rows, src.d) == (5 * n_patches, HIDDEN)
+    if kind == "dinov2":   # the command line reaches the same code
+        from sparse_sae.cli import main
+        assert main(["extract", str(model), str(images), str(tmp_path / "cli"), "--layer", "2", "--tokens", "all",
+                     "--no-progress"]) == 0
+        assert open_source(tmp_path / "cli").n_rows == 5 * (n_patches + 1)
     if kind == "siglip":
         with pytest.raises(ValueError, match="no CLS token"):
             extract(str(model), images, tmp_path / "cls", 1, tokens="cls", progress=False)

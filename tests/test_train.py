@@ -114,3 +114,17 @@ def test_schedules():
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == 1.0 and lr_at(49, cfg) == 1.0
     assert lr_at(75, cfg) == pytest.approx(0.5) and lr_at(99, cfg) == pytest.approx(0.02)
     assert [penalty_scale_at(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_tensorboard_needs_its_package(tmp_path):
+    from sparse_sae.metrics_log import MetricsLog
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            MetricsLog(tmp_path / "m.jsonl", tmp_path / "tb")
+    else:
+        log = MetricsLog(tmp_path / "m.jsonl", tmp_path / "tb")
+        log.write({"step": 1, "loss": 0.5})
+        log.close()
+        assert read_metrics(tmp_path / "m.jsonl") == [{"step": 1, "loss": 0.5}]
