@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train plain Top-k and the two regularized variants on synthetic data with "
                                        "known features; print a comparison table and write a plot")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps per variant (default 1500)")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps per variant (default 1000)")
     demo.add_argument("--batch-size", type=int, default=128, help="rows per step (default 128)")
     demo.add_argument("--latents", type=int, default=2048, help="SAE latents (default 2048)")
     demo.add_argument("--k", type=int, default=8, help="active latents per row (default 8)")

@@ -81,7 +81,7 @@ def plot(results: dict, curves: dict, k: int, path) -> None:
     plt.close(fig)
 
 
-def run_demo(steps: int = 1500, batch_size: int = 128, n_latents: int = 2048, k: int = 8, seed: int = 0,
+def run_demo(steps: int = 1000, batch_size: int = 128, n_latents: int = 2048, k: int = 8, seed: int = 0,
              n_features: int = 2048, d: int = 192, lr: float = 8e-3, plot_path: str | None = "sparse_sae_demo.png",
              progress: bool = True, print_fn=print) -> dict:
     """Trains the three variants with the same budget, prints a table, writes the plot; returns the rows."""
