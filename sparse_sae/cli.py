@@ -18,7 +18,7 @@ import typing
 
 EPILOG = """\
 A first session:
-  sparse-sae demo                                   # synthetic benchmark, about 2 minutes on a laptop CPU
+  sparse-sae demo                                   # synthetic benchmark, about a minute on 2 CPU cores
   sparse-sae extract facebook/dinov2-small images/ acts/ --layer 9 --tokens patch
   sparse-sae train --data acts/ --k 32 --expansion-factor 16 --steps 20000 --out-dir runs/dino
   sparse-sae train --resume runs/dino               # continue an interrupted run
