@@ -1,42 +1,272 @@
-"""The ``sparse-sae`` command line."""
+"""The ``sparse-sae`` command line (also ``python -m sparse_sae``).
+
+Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``eval``, ``bench``, ``info``.
+``eval`` and ``bench`` come from :mod:`sparse_sae.eval.cli` and :mod:`sparse_sae.bench.cli`
+(each providing ``add_parser(subparsers)``) when those are installed; until then the
+subcommand says it is not available and exits with status 2.
+
+Errors in what the user gave (paths, settings, data) print one line and exit with status 1;
+``SPARSE_SAE_DEBUG=1`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import typing
+
+EPILOG = """\
+A first session:
+  sparse-sae demo                                   # synthetic benchmark, about a minute on 2 CPU cores
+  sparse-sae extract facebook/dinov2-small images/ acts/ --layer 9 --tokens patch
+  sparse-sae train --data acts/ --k 32 --expansion-factor 16 --steps 20000 --out-dir runs/dino
+  sparse-sae train --resume runs/dino               # continue an interrupted run
+  sparse-sae export runs/dino/final saelens out/    # or sparsify
+  torchrun --nproc-per-node 8 -m sparse_sae train --config run.json   # data-parallel
+
+Run `sparse-sae COMMAND --help` for each command's options.
+"""
 
 
+# ---------------------------------------------------------------------------------------- demo / info
 def _demo(args) -> int:
     from sparse_sae.demo import run_demo
+
     run_demo(steps=args.steps, batch_size=args.batch_size, n_latents=args.latents, k=args.k, seed=args.seed,
-             progress=not args.no_progress)
+             plot_path=None if args.no_plot else args.plot, progress=not args.no_progress)
     return 0
 
 
 def _info(args) -> int:
     from sparse_sae.backends import show_build
+
     show_build()
     return 0
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------------------- train
+def _flag_type(name: str, default):
+    if name == "betas":
+        return {"type": float, "nargs": 2, "metavar": ("BETA1", "BETA2")}
+    if isinstance(default, bool):
+        return {"action": argparse.BooleanOptionalAction}
+    if isinstance(default, int):
+        return {"type": int}
+    if isinstance(default, float):
+        return {"type": float}
+    if name == "n_latents":
+        return {"type": int}
+    return {"type": str}
+
+
+def _add_train_parser(sub) -> None:
+    from sparse_sae.config import FIELD_DEFAULTS, FIELD_DOCS
+
+    p = sub.add_parser(
+        "train", help="train an SAE on activations (a config file and/or flags)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an SAE on activations from .npy files or safetensors shards.\n\n"
+                    "Settings come from --config (JSON or TOML with the option names below, underscores "
+                    "instead of dashes), then flags override them. Checkpoints go to OUT_DIR/checkpoints, "
+                    "metrics to OUT_DIR/metrics.jsonl, the final SAE to OUT_DIR/final (load it with "
+                    "sparse_sae.load). Launch with torchrun for data parallelism.",
+        epilog="examples:\n"
+               "  sparse-sae train --data acts/ --k 32 --n-latents 16384 --off-support-l1 0.02 --out-dir runs/a\n"
+               "  sparse-sae train --config run.toml --steps 50000\n"
+               "  sparse-sae train --resume runs/a")
+    p.add_argument("--config", help="JSON or TOML file of settings")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (or a checkpoint directory) from its last checkpoint; its "
+                        "saved settings are used (or --config's, which must agree), and flags may change only "
+                        "steps, data location, device and output/logging options")
+    groups = {"data": "data", "architecture": "model", "steps": "optimisation", "device": "device",
+              "out_dir": "output"}
+    group = p
+    for name, default in FIELD_DEFAULTS.items():
+        if name in groups:
+            group = p.add_argument_group(groups[name])
+        help_text = FIELD_DOCS.get(name, "")
+        if "default" not in help_text:
+            help_text += f" (default: {'none' if default is None else default})"
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                           help=help_text.strip(), **_flag_type(name, default))
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint
+    from sparse_sae.config import TrainConfig
+    from sparse_sae.train import NonFiniteLossError, Trainer
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "func", "command")}
+    if "betas" in overrides:
+        overrides["betas"] = tuple(overrides["betas"])
+    if args.resume and not args.config:
+        ckpt = latest_checkpoint(args.resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint found at {args.resume}")
+        _, saved, _ = load_checkpoint(ckpt)
+        saved["out_dir"] = str(ckpt.parent.parent)      # the run directory, wherever it now is
+        cfg = TrainConfig.from_dict({**saved, **overrides}, source=f"checkpoint {args.resume}")
+    elif args.config:
+        cfg = TrainConfig.from_file(args.config, **overrides)
+    else:
+        cfg = TrainConfig.from_dict(overrides, source="flags")
+    if cfg.data is None:
+        raise ValueError("no training data: give --data PATH or data in the config file")
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        metrics = trainer.fit()
+    except NonFiniteLossError as exc:
+        print(f"sparse-sae train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        from sparse_sae import distributed
+        distributed.shutdown(trainer.ctx)
+    if trainer.ctx.is_main:
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("fvu", "l0", "dead", "rows_per_s") if k in metrics)
+        print(f"trained {trainer.step} steps: {summary}")
+        if cfg.out_dir is not None:
+            print(f"final SAE: {cfg.out_dir}/final  (sparse_sae.load('{cfg.out_dir}/final'))")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- extract
+def _add_extract_parser(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="save a transformers model's activations at a layer as shards for training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a Hugging Face transformers model over a folder of images (DINOv2, CLIP, SigLIP image "
+                    "encoders) or a text file (language models, one document per line) and write the "
+                    "activations at one layer to safetensors shards in OUT_DIR, ready for `sparse-sae train "
+                    "--data OUT_DIR`. Models load from a local directory or the local Hugging Face cache only.",
+        epilog="examples:\n"
+               "  sparse-sae extract facebook/dinov2-small photos/ acts/dino9 --layer 9 --tokens patch\n"
+               "  sparse-sae extract openai/clip-vit-base-patch32 photos/ acts/clip --layer -2 --tokens cls\n"
+               "  sparse-sae extract ./my-gpt2 corpus.txt acts/gpt2-6 --layer 6")
+    p.add_argument("model", help="model directory or Hugging Face name already in the local cache")
+    p.add_argument("inputs", help="image folder (vision) or text file (language)")
+    p.add_argument("out_dir", help="output directory for the shards (must hold no shards yet)")
+    p.add_argument("--layer", required=True,
+                   help="hidden-state index (0 = embeddings, i = residual stream after block i, -1 = last) or a "
+                        "module name such as encoder.layer.5.mlp")
+    p.add_argument("--tokens", default="all", choices=["all", "cls", "patch"],
+                   help="vision models: which tokens to keep (default all); language models keep every token")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default 16)")
+    p.add_argument("--shard-rows", type=int, default=65536, help="rows per shard file (default 65536)")
+    p.add_argument("--max-length", type=int, default=256, help="language models: tokens per document (default 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default float32)")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved activations (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_extract)
+
+
+def _extract(args) -> int:
+    from sparse_sae.extract import extract
+
+    meta = extract(args.model, args.inputs, args.out_dir, args.layer, tokens=args.tokens, batch_size=args.batch_size,
+                   shard_rows=args.shard_rows, max_length=args.max_length, device=args.device, dtype=args.dtype,
+                   save_dtype=args.save_dtype, progress=not args.no_progress)
+    print(f"wrote {meta['n_rows']} rows of width {meta['d']} in {meta['n_shards']} shard(s) to {args.out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- export
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a saved SAE in the SAELens or EleutherAI sparsify format",
+                       description="Convert an SAE saved by sparse_sae (e.g. RUN_DIR/final) to another tool's "
+                                   "on-disk format. The input scale is folded into the weights.")
+    p.add_argument("sae", help="directory of a saved sparse_sae SAE (config.json + sae_weights.safetensors)")
+    p.add_argument("format", choices=["saelens", "sparsify"])
+    p.add_argument("out_dir")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from pathlib import Path
+
+    from sparse_sae import interop
+    from sparse_sae.serialization import CONFIG_FILE, load
+
+    path = Path(args.sae)
+    if not (path / CONFIG_FILE).exists() and (path / "final" / CONFIG_FILE).exists():
+        path = path / "final"            # a run directory: its final SAE
+    sae = load(path)
+    (interop.to_saelens if args.format == "saelens" else interop.to_sparsify)(sae, args.out_dir)
+    print(f"wrote {type(sae).__name__} ({sae.d_in} -> {sae.n_latents}) in {args.format} format to {args.out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval / bench
+def _unavailable(name: str, reason: str):
+    def run(_args) -> int:
+        print(f"sparse-sae {name}: not available yet ({reason})", file=sys.stderr)
+        return 2
+    return run
+
+
+def _add_optional_parser(sub, name: str, module: str, help_text: str) -> None:
+    """Registers ``name`` from ``module.add_parser(subparsers)``, or a stub that explains why not."""
+    try:
+        mod = importlib.import_module(module)
+        add = getattr(mod, "add_parser")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            reason = f"{module} needs {exc.name}: {exc}"
+        else:
+            reason = f"{module} is not part of this installation"
+    except Exception as exc:  # noqa: BLE001 - a broken optional module must not break the other commands
+        reason = f"{module} failed to import: {type(exc).__name__}: {exc}"
+    else:
+        add(sub)
+        return
+    p = sub.add_parser(name, help=f"{help_text} (not available yet)", add_help=True)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_unavailable(name, reason))
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sparse-sae",
-        description="Train sparse autoencoders with fused sparsity regularizers. "
-                    "Start with `sparse-sae demo`.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train plain Top-k and the two regularized variants on synthetic data "
-                                       "with known features, and print a comparison table")
-    demo.add_argument("--steps", type=int, default=600, help="training steps per variant (default 600)")
-    demo.add_argument("--batch-size", type=int, default=1024, help="rows per step (default 1024)")
+        prog="sparse-sae", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train sparse autoencoders (Top-k, BatchTopK, ReLU, JumpReLU) with the fused sparsity "
+                    "regularizers of arXiv:2606.27321. Start with `sparse-sae demo`.",
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="train plain Top-k and the two regularized variants on synthetic data with "
+                                       "known features; print a comparison table and write a plot")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps per variant (default 1000)")
+    demo.add_argument("--batch-size", type=int, default=128, help="rows per step (default 128)")
     demo.add_argument("--latents", type=int, default=2048, help="SAE latents (default 2048)")
-    demo.add_argument("--k", type=int, default=16, help="active latents per row (default 16)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--k", type=int, default=8, help="active latents per row (default 8)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--plot", default="sparse_sae_demo.png", help="PNG to write (default sparse_sae_demo.png)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    _add_extract_parser(sub)
+    _add_train_parser(sub)
+    _add_export_parser(sub)
+    _add_optional_parser(sub, "eval", "sparse_sae.eval.cli", "evaluate a saved SAE on a data source")
+    _add_optional_parser(sub, "bench", "sparse_sae.bench.cli", "benchmark the kernels against the peers")
     info = sub.add_parser("info", help="print what was built and which backend each op uses")
     info.set_defaults(func=_info)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def main(argv: typing.Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as exc:
+        if os.environ.get("SPARSE_SAE_DEBUG"):
+            raise
+        print(f"sparse-sae {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,29 +1,45 @@
-"""A compact training loop: Adam, learning-rate warm-up and decay, gradient clipping and the
-unit-norm decoder constraint, with a progress bar of live loss, FVU, L0 and dead fraction."""
+"""The trainer: Adam with learning-rate warm-up and decay, penalty-coefficient warm-up, gradient
+clipping, the unit-norm decoder constraint, dead-latent tracking (which feeds AuxK), bf16 autocast
+on GPU, data parallelism, metrics, checkpoints and an exact resume.
+
+>>> from sparse_sae.config import TrainConfig
+>>> from sparse_sae.train import Trainer
+>>> trainer = Trainer(TrainConfig(data="acts/", k=32, steps=10_000, out_dir="runs/a"))
+>>> metrics = trainer.fit()          # checkpoints in runs/a/checkpoints, metrics in runs/a/metrics.jsonl
+>>> Trainer(cfg, resume="runs/a").fit()   # continues where the last checkpoint stopped
+
+On the CPU a resumed run reproduces the uninterrupted run's losses bit for bit: the parameters,
+the optimizer moments, the dead-latent counters, the data position and the RNG states are all
+in the checkpoint, and the schedules are functions of the step.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from sparse_sae import distributed
+from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sparse_sae.config import TrainConfig
+from sparse_sae.data import ActivationLoader, open_source
+from sparse_sae.metrics_log import MetricsLog
 
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    decay_start: float = 0.8       # fraction of steps after which the rate decays linearly to 0
-    grad_clip: float = 1.0
-    dead_after_tokens: int = 100_000
-    progress: bool = True
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN or infinite loss; the last good checkpoint is kept."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, constant, then linear decay to zero over the last steps."""
+    """Linear warm-up over ``warmup_steps``, constant, then linear decay to zero after
+    ``decay_start * steps``. ``step`` counts from 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     start = int(cfg.decay_start * cfg.steps)
@@ -32,37 +48,236 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - start))
 
 
-def train(sae, batches: Iterator[torch.Tensor] | Callable[[int], torch.Tensor], cfg: TrainConfig,
-          desc: str = "train") -> dict:
-    """Trains ``sae`` in place on ``batches`` (an iterator, or a function of the step) and returns
-    the final metrics and the throughput in rows per second."""
-    sae.train()
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    get = batches if callable(batches) else (lambda _step, it=iter(batches): next(it))
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=False)
-    rows, start = 0, time.perf_counter()
-    stats = {}
-    for step in bar:
-        x = get(step)
-        for group in opt.param_groups:
+def penalty_scale_at(step: int, cfg: TrainConfig) -> float:
+    """The factor on every penalty coefficient: a linear ramp from 0 to 1 over ``penalty_warmup_steps``."""
+    if cfg.penalty_warmup_steps == 0:
+        return 1.0
+    return min(1.0, (step + 1) / cfg.penalty_warmup_steps)
+
+
+def input_scale_for(rows: torch.Tensor) -> float:
+    """The factor that gives ``rows`` unit mean norm."""
+    norm = float(rows.float().norm(dim=1).mean())
+    if not math.isfinite(norm) or norm <= 0:
+        raise ValueError(f"cannot normalise inputs: the mean row norm of the data is {norm}")
+    return 1.0 / norm
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Trains an SAE described by ``cfg`` on ``data`` (anything :func:`~sparse_sae.data.open_source`
+    takes; default ``cfg.data``).
+
+    ``sae`` trains a given module instead of building one from ``cfg``. ``resume`` (a run
+    directory or a checkpoint) continues a run; its configuration must match ``cfg`` except for
+    the fields in :data:`sparse_sae.config.RUN_FIELDS`. ``cfg.out_dir=None`` writes nothing.
+    ``on_step(trainer)`` is called after every step (``trainer.step`` completed steps).
+    """
+
+    def __init__(self, cfg: TrainConfig, data=None, *, sae=None, resume=None,
+                 on_step: Callable | None = None, desc: str = "train"):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.cfg, self.on_step, self.desc = cfg, on_step, desc
+        self.device = distributed.device_for(cfg.device)
+        self.ctx = distributed.init(self.device)
+        data = data if data is not None else cfg.data
+        if data is None:
+            raise ValueError("no training data: pass data= or set cfg.data to a path")
+        self.source = open_source(data, cfg.data_key)
+        self.step = 0
+        state = None
+        if resume is not None:
+            self.sae, state = self._restore(resume)
+        elif sae is not None:
+            self.sae = sae.to(self.device)
+        else:
+            head = self.source.head(32768)
+            scale = input_scale_for(head) if cfg.normalize_inputs else None
+            torch.manual_seed(cfg.seed)
+            self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device)
+            if cfg.init_b_dec:
+                self.sae.init_b_dec_(head.to(self.device, self.sae.W_enc.dtype))
+        if self.sae.d_in != self.source.d:
+            raise ValueError(f"the activation data has width {self.source.d} but the SAE expects "
+                             f"d_in={self.sae.d_in}")
+        self.loader = ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                                       memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
+                                       world_size=self.ctx.world_size)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                          **({"fused": True} if fused else {}))
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["data"])
+            self.step = int(state["step"])
+            _set_rng_state(state["rng"], self.device)
+        self.autocast = cfg.autocast and self.device.type == "cuda"
+        self.last_checkpoint = latest_checkpoint(resume) if resume is not None else None
+        self.checkpoint_step = self.step if resume is not None else None
+        if resume is None and cfg.out_dir is not None and latest_checkpoint(cfg.out_dir) is not None:
+            raise FileExistsError(f"{cfg.out_dir} already holds a run with checkpoints; resume it (--resume "
+                                  f"{cfg.out_dir}) or choose another out_dir")
+        self.metrics = {}
+        self._log = None
+        if cfg.out_dir is not None and self.ctx.is_main:
+            out = Path(cfg.out_dir)
+            self._log = MetricsLog(out / METRICS_FILE, out / "tensorboard" if cfg.tensorboard else None,
+                                   truncate_after=self.step if resume is not None else 0)
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self, resume):
+        sae, saved_cfg, state = load_checkpoint(resume, device=self.device)
+        try:
+            saved = TrainConfig.from_dict(saved_cfg, source=f"checkpoint {resume}")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {resume} was written with an incompatible configuration: {exc}") from exc
+        diff = saved.mismatches(self.cfg)
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume from {resume}: it was trained with another configuration ({lines})")
+        if state.get("world_size", 1) != self.ctx.world_size:
+            raise ValueError(f"cannot resume from {resume}: it was written by {state.get('world_size', 1)} "
+                             f"process(es), this run has {self.ctx.world_size}")
+        if int(state["step"]) > self.cfg.steps:
+            raise ValueError(f"checkpoint {resume} is at step {state['step']}, past steps={self.cfg.steps}")
+        return sae, state
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.loader.state_dict(),
+                "rng": _rng_state(self.device), "world_size": self.ctx.world_size}
+
+    def save_checkpoint(self) -> Path | None:
+        """Writes a checkpoint of the current step (main process only)."""
+        if self.cfg.out_dir is None:
+            return None
+        if self.ctx.is_main:
+            self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, self.sae, self.cfg.to_dict(),
+                                                   self.state_dict(), keep=self.cfg.keep_checkpoints)
+        self.checkpoint_step = self.step
+        distributed.barrier(self.ctx)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, x, out, penalty_scale: float):
+        sae, losses = self.sae, out.losses
+        recon = losses["recon"]
+        if self.ctx.enabled and sae.recon_loss == "fvu":
+            # rescale the local FVU so that averaging gradients gives the global batch's FVU
+            xs = (x * sae.input_scale if sae.input_scale is not None else x).detach().to(torch.float64)
+            local = (xs - xs.mean(0)).square().sum()
+            recon = recon * (local / distributed.global_variance(xs, self.ctx) * self.ctx.world_size).to(recon.dtype)
+        loss = recon
+        for p in sae.penalties:
+            loss = loss + (penalty_scale * p.coef) * losses[p.name]
+        if "auxk" in losses:
+            loss = loss + sae.auxk.coef * losses["auxk"]
+        return loss
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One optimizer step on this process's rows ``x``; returns the step's loss terms."""
+        sae, cfg, step = self.sae, self.cfg, self.step
+        for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        out = sae(x)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step}; parameters left as "
-                                     f"after step {step - 1}")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        before = sae.tokens_since_fired.clone() if self.ctx.enabled else None
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with autocast:
+            out = sae(x)
+            loss = self._loss(x, out, penalty_scale_at(step, cfg))
+        if before is not None:   # dead-latent counters over the global batch
+            fired = distributed.all_reduce_sum(out.fired.detach().clone(), self.ctx)
+            sae.tokens_since_fired.copy_(torch.where(fired > 0, 0, before + cfg.batch_size))
+        finite = torch.isfinite(loss.detach())
+        if self.ctx.enabled:
+            finite = distributed.all_reduce_sum(finite.to(torch.int32), self.ctx) == self.ctx.world_size
+        if not bool(finite):
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"non-finite loss {float(loss.detach())} at step {step + 1}; training "
+                                     f"stopped, {where}. Try a lower lr (now {cfg.lr}) or check the data.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.all_reduce_gradients(sae.parameters(), self.ctx)
         sae.remove_parallel_grad_()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
+        self.optimizer.step()
         sae.normalize_decoder_()
-        rows += x.shape[0]
-        if step % 25 == 0 or step == cfg.steps - 1:
-            stats = {"loss": float(out.loss.detach()), "fvu": float(out.losses["recon"].detach()),
-                     "l0": float((out.values > 0).sum(1).float().mean()),
-                     "dead": float(sae.dead_mask(cfg.dead_after_tokens).float().mean())}
-            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
-    elapsed = time.perf_counter() - start
-    stats["rows_per_s"] = rows / elapsed if elapsed > 0 else math.inf
-    return stats
+        self.step += 1
+        return {"out": out, "loss": loss}
+
+    def _record(self, result, rows_per_s: float) -> dict:
+        out, sae = result["out"], self.sae
+        rec = {"step": self.step, "loss": float(result["loss"].detach()),
+               "fvu": float(out.losses["recon"].detach()),
+               "l0": float((out.values > 0).sum(1).float().mean()),
+               "dead": float(sae.dead_mask(self.cfg.dead_after_tokens).float().mean()),
+               "lr": self.optimizer.param_groups[0]["lr"], "rows_per_s": rows_per_s}
+        for name, value in out.losses.items():
+            if name != "recon":
+                rec[name] = float(value.detach())
+        return rec
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Trains until ``cfg.steps``; checkpoints every ``checkpoint_every`` steps and at the end, and
+        saves the final SAE (input scale folded in) to ``<out_dir>/final``. Returns the last metrics
+        with the throughput in rows per second."""
+        cfg, sae = self.cfg, self.sae
+        sae.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=False,
+                   disable=not (cfg.progress and self.ctx.is_main))
+        rows, start = 0, time.perf_counter()
+        flush = self.device.type == "cpu" and cfg.flush_denormal
+        if flush:
+            torch.set_flush_denormal(True)
+        try:
+            while self.step < cfg.steps:
+                x = self.loader.next_batch().to(self.device, sae.W_enc.dtype, non_blocking=True)
+                result = self.train_step(x)
+                rows += x.shape[0] * self.ctx.world_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - start
+                    self.metrics = self._record(result, rows / elapsed if elapsed > 0 else math.inf)
+                    bar.set_postfix({k: f"{self.metrics[k]:.3g}" for k in ("loss", "fvu", "l0", "dead")})
+                    if self._log is not None:
+                        self._log.write(self.metrics)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self)
+            if cfg.out_dir is not None:
+                if self.checkpoint_step != self.step:
+                    self.save_checkpoint()
+                if self.ctx.is_main:
+                    sae.save(Path(cfg.out_dir) / FINAL_DIR)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+            bar.close()
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        elapsed = time.perf_counter() - start
+        self.metrics["rows_per_s"] = rows / elapsed if elapsed > 0 else math.inf
+        return self.metrics
+
+
+def train(cfg: TrainConfig, data=None, *, resume=None, **kwargs) -> "Trainer":
+    """Builds a :class:`Trainer`, runs it and returns it (``trainer.sae``, ``trainer.metrics``)."""
+    trainer = Trainer(cfg, data, resume=resume, **kwargs)
+    trainer.fit()
+    return trainer

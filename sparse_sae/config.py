@@ -1,0 +1,202 @@
+"""Training configuration: one flat dataclass, read from JSON/TOML files and command-line flags,
+checked for unknown keys, and turned into an SAE.
+
+Every field is documented in :class:`TrainConfig`; ``sparse-sae train --help`` lists the same.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from sparse_sae.penalties import L0, AuxK, DecoderNormL1, L1L2Ratio, OffSupportL1
+
+ARCHITECTURE_NAMES = {"topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "relu": "ReLUSAE", "jumprelu": "JumpReLUSAE"}
+
+# Fields that may change between a checkpoint and its resumption; every other field must match.
+RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
+                        "tensorboard", "data", "device"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults suit a first run on model activations."""
+
+    # --- data
+    data: str | None = None            # .npy file, directory of .npy files, or directory of safetensors shards
+    data_key: str | None = None        # tensor name inside the shards (default: the only one there)
+    memory_budget_mb: float = 1024.0   # rows held in memory at once for shuffling
+    shuffle: bool = True               # shuffle rows (within the memory budget)
+    # --- model
+    architecture: str = "topk"         # topk | batchtopk | relu | jumprelu
+    n_latents: int | None = None       # SAE width; default expansion_factor * d_in
+    expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
+    k: int = 32                        # active latents per row (topk, batchtopk)
+    off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk)
+    l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk)
+    decoder_norm_l1: float = 0.0       # l1 weighted by decoder norms (all; usual for relu)
+    l0: float = 0.0                    # L0 with straight-through gradient (jumprelu)
+    auxk: float = 1 / 32               # AuxK coefficient (topk, batchtopk); 0 disables
+    dead_after_tokens: int = 10_000_000  # a latent is dead after this many rows without firing
+    recon_loss: str = "fvu"            # fvu | mse
+    normalize_inputs: bool = True      # scale inputs to unit mean norm (folded into saved weights)
+    init_b_dec: bool = True            # b_dec := geometric median of the first rows
+    # --- optimisation
+    steps: int = 10_000
+    batch_size: int = 4096             # global batch (split across processes)
+    lr: float = 2e-4
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 1000           # linear learning-rate warm-up
+    decay_start: float = 0.8           # fraction of steps after which the rate decays linearly to 0
+    penalty_warmup_steps: int = 0      # penalty coefficients ramp linearly from 0 over these steps
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables
+    seed: int = 0
+    # --- device
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"             # parameter dtype
+    autocast: bool = True              # bf16 autocast on GPU (ignored on CPU)
+    flush_denormal: bool = True        # CPU: denormal floats count as 0 (Adam moments of rare latents decay into them; 2-6x faster)
+    # --- output
+    out_dir: str = "runs/sae"
+    checkpoint_every: int = 1000       # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10                # steps between metric records
+    tensorboard: bool = False          # also log to TensorBoard (needs the tensorboard package)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURE_NAMES)}, got {self.architecture!r}")
+        for name in ("steps", "batch_size", "k", "expansion_factor", "log_every", "keep_checkpoints",
+                     "dead_after_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "penalty_warmup_steps", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if self.n_latents is not None and (isinstance(self.n_latents, bool) or not isinstance(self.n_latents, int)
+                                           or self.n_latents < 1):
+            raise ValueError(f"n_latents must be a positive int or None, got {self.n_latents!r}")
+        for name in ("off_support_l1", "l1_l2_ratio", "decoder_norm_l1", "l0", "auxk", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"decay_start must be in [0, 1], got {self.decay_start!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.recon_loss not in ("fvu", "mse"):
+            raise ValueError(f"recon_loss must be 'fvu' or 'mse', got {self.recon_loss!r}")
+        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {self.dtype!r}")
+        topk = self.architecture in ("topk", "batchtopk")
+        if not topk and (self.off_support_l1 or self.l1_l2_ratio):
+            raise ValueError(f"off_support_l1 and l1_l2_ratio apply to topk and batchtopk, not {self.architecture}")
+        if self.l0 and self.architecture != "jumprelu":
+            raise ValueError(f"l0 applies to jumprelu only, not {self.architecture}")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def field_names(cls) -> list:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        """A config from ``values``; an unknown key is an error that names the closest known one."""
+        known = cls.field_names()
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source} has unknown key(s) {', '.join(hints)}; known keys: {', '.join(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        """Reads a ``.json`` or ``.toml`` file; ``overrides`` (e.g. from flags) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - JSON and TOML raise different types
+            raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        values.update(overrides)
+        return cls.from_dict(values, source=f"config file {path}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def mismatches(self, other: "TrainConfig") -> dict:
+        """Fields (outside :data:`RUN_FIELDS`) whose values differ: ``{name: (self, other)}``."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in RUN_FIELDS and a[k] != b[k]}
+
+    # ------------------------------------------------------------------ model
+    def latents_for(self, d_in: int) -> int:
+        return self.n_latents or self.expansion_factor * d_in
+
+    def build_sae(self, d_in: int, input_scale: float | None = None, device=None):
+        """The SAE this config describes, for inputs of width ``d_in``."""
+        import torch
+
+        from sparse_sae import modules
+
+        penalties = []
+        if self.off_support_l1:
+            penalties.append(OffSupportL1(self.off_support_l1))
+        if self.l1_l2_ratio:
+            penalties.append(L1L2Ratio(self.l1_l2_ratio))
+        if self.decoder_norm_l1:
+            penalties.append(DecoderNormL1(self.decoder_norm_l1))
+        if self.l0:
+            penalties.append(L0(self.l0))
+        cls = modules.ARCHITECTURES[ARCHITECTURE_NAMES[self.architecture]]
+        kwargs = dict(recon_loss=self.recon_loss, input_scale=input_scale, dtype=getattr(torch, self.dtype),
+                      device=device)
+        n = self.latents_for(d_in)
+        if self.architecture in ("topk", "batchtopk"):
+            if self.k > n:
+                raise ValueError(f"k={self.k} exceeds the number of latents {n}")
+            auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
+            return cls(d_in, n, self.k, penalties, auxk=auxk, **kwargs)
+        return cls(d_in, n, penalties, **kwargs)
+
+
+def _default_field_docs() -> dict:
+    """The comment after each field in the source, used as ``--help`` text."""
+    import inspect
+    import re
+
+    docs = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=\s*.+?#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+FIELD_DOCS = _default_field_docs()
+FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
