@@ -2,7 +2,7 @@
 // order (descending value, ties to the lower index), the row threshold, the fired counts and
 // batch-active set, the row l1/l2 norms over the batch-active units, and the AuxK candidates.
 //
-// Top-k is a bounded heap per row in one pass that also accumulates the row's sum and sum
+// Top-k is a bounded buffer per row (TopKBuffer) in one pass that also accumulates the row's sum and sum
 // of squares; the norms over A then only subtract the (usually few) inactive columns instead
 // of a second full pass. BatchTopK finds the global threshold by radix select.
 #include <algorithm>
