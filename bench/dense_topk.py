@@ -7,11 +7,30 @@ import torch
 from torch import nn
 
 
+def dense_penalties(h, a, coef_off: float = 0.0, coef_ratio: float = 0.0, eps: float = 1e-6):
+    """The paper's two penalties from the dense ``B x F`` post-ReLU pre-activations ``h`` and code
+    ``a``, by plain autograd (0 when both coefficients are 0). Also what the benchmark adds to a
+    peer's output where the peer exposes its pre-activations."""
+    loss = h.new_zeros(())
+    if coef_off or coef_ratio:
+        active = (a > 0).any(0)
+        hA = h * active
+        if coef_off:
+            loss = loss + coef_off * (hA * (a == 0)).sum() / h.shape[0]
+        if coef_ratio:
+            l1, l2 = hA.sum(1), hA.norm(dim=1)
+            loss = loss + coef_ratio * (l1 / (l2 + eps)).mean()
+    return loss
+
+
 class DenseTopKSAE(nn.Module):
+    """``batch_topk=True`` keeps the ``B * k`` largest entries of the whole batch (BatchTopK)."""
+
     def __init__(self, d_in: int, n_latents: int, k: int, coef_off: float = 0.0, coef_ratio: float = 0.0,
-                 eps: float = 1e-6, dtype=torch.float32, device=None):
+                 eps: float = 1e-6, dtype=torch.float32, device=None, batch_topk: bool = False):
         super().__init__()
         self.k, self.coef_off, self.coef_ratio, self.eps = k, coef_off, coef_ratio, eps
+        self.batch_topk = batch_topk
         W = torch.randn(n_latents, d_in, dtype=dtype, device=device)
         W = W / W.norm(dim=1, keepdim=True)
         self.W_enc = nn.Parameter(W.clone())
@@ -21,16 +40,13 @@ class DenseTopKSAE(nn.Module):
 
     def forward(self, x):
         h = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
-        top = h.topk(self.k, dim=-1)
-        a = torch.zeros_like(h).scatter(-1, top.indices, top.values)
+        if self.batch_topk:
+            top = h.flatten().topk(self.k * h.shape[0])
+            a = torch.zeros_like(h).flatten().scatter(-1, top.indices, top.values).view_as(h)
+        else:
+            top = h.topk(self.k, dim=-1)
+            a = torch.zeros_like(h).scatter(-1, top.indices, top.values)
         recon = a @ self.W_dec + self.b_dec
         loss = (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        if self.coef_off or self.coef_ratio:
-            active = (a > 0).any(0)
-            hA = h * active
-            if self.coef_off:
-                loss = loss + self.coef_off * (hA * (a == 0)).sum() / x.shape[0]
-            if self.coef_ratio:
-                l1, l2 = hA.sum(1), hA.norm(dim=1)
-                loss = loss + self.coef_ratio * (l1 / (l2 + self.eps)).mean()
+        loss = loss + dense_penalties(h, a, self.coef_off, self.coef_ratio, self.eps)
         return loss, recon

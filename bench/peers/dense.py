@@ -1,0 +1,73 @@
+"""Dense-autograd PyTorch, as a researcher would write it: ``B x F`` codes, ``torch.topk``, the
+penalties by plain autograd (bench/dense_topk.py); ReLU and JumpReLU likewise."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparse_sae import reference
+
+from .common import BANDWIDTH, COEF_L0, COEF_L1, VARIANTS, Runner, coefs, fvu
+from dense_topk import DenseTopKSAE  # common.py put bench/ on sys.path
+
+NAME = "dense"
+PACKAGE = "torch"
+
+
+def version() -> str:
+    return torch.__version__
+
+
+def variants() -> tuple:
+    return VARIANTS
+
+
+class DenseReLUSAE(nn.Module):
+    """ReLU SAE with the decoder-norm-weighted l1, or (``jump=True``) JumpReLU with the L0
+    penalty through the straight-through estimators (GemmaScope; the reference's functions)."""
+
+    def __init__(self, w, jump: bool):
+        super().__init__()
+        self.jump = jump
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, nn.Parameter(getattr(w, name).clone()))
+        if jump:
+            self.log_threshold = nn.Parameter(w.theta.log().clone())
+
+    def forward(self, x):
+        z = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        if self.jump:
+            theta = self.log_threshold.exp()
+            a = reference.jumprelu_ref(z, theta, BANDWIDTH)
+            penalty = COEF_L0 * reference.l0_ref(z, theta, BANDWIDTH)
+        else:
+            a = torch.relu(z)
+            penalty = COEF_L1 * (a * self.W_dec.norm(dim=1)).sum() / x.shape[0]
+        return fvu(x, a @ self.W_dec + self.b_dec) + penalty
+
+
+def build(variant: str, w, k: int) -> Runner:
+    D, F = w.W_enc.shape[1], w.W_enc.shape[0]
+    if variant in ("relu_l1", "jumprelu"):
+        return _Dense(DenseReLUSAE(w, jump=variant == "jumprelu"))
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    off, ratio = coefs(variant)
+    m = DenseTopKSAE(D, F, k, off, ratio, eps=reference.RATIO_EPS, dtype=w.W_enc.dtype, device=w.W_enc.device,
+                     batch_topk=variant == "batchtopk")
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(m, name).copy_(getattr(w, name))
+    return _Dense(m)
+
+
+class _Dense(Runner):
+    def __init__(self, m):
+        self.m, self.params = m, list(m.parameters())
+
+    def loss(self, x):
+        out = self.m(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def w_enc_grad(self):
+        return self.m.W_enc.grad
