@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip "setuptools>=77" wheel
-	$(PY) -m pip install "torch==$(TORCH_VERSION)" "triton>=3.6,<3.10" numpy "safetensors>=0.4" tqdm "transformers>=4.46" pillow matplotlib \
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" "triton>=3.6,<3.10" numpy "safetensors>=0.4" tqdm "transformers>=4.46" pillow matplotlib scipy \
 		"pytest>=8" "pytest-benchmark>=4" ninja
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -m sparse_sae info
