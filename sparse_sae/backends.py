@@ -26,6 +26,16 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _WARNED: set = set()
+_TRITON_ERROR: str | None = None   # why the triton backend did not register (set by sparse_sae.ops)
+
+
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend``'s kernels take tensors on ``device``: Triton kernels take CUDA
+    tensors, and CPU tensors only in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and
+                                         os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    return True
 
 
 def register_impl(op: str, backend: str, fn: Callable) -> None:
@@ -56,12 +66,17 @@ def backend_for(op: str, device: torch.device) -> str:
     impls = _IMPLS.get(op, {})
     forced = forced_backend()
     if forced is not None:
-        if forced not in impls:
-            raise RuntimeError(f"SPARSE_SAE_BACKEND={forced} but op {op!r} has no {forced} "
-                               f"implementation ({unavailable_reason(forced)})")
-        return forced
+        # Triton covers the GEMM- and gather-shaped ops only (DESIGN.md 4): forced, it leaves
+        # the others (selection) to the device's usual backend.
+        partial = forced == "triton" and any("triton" in i for i in _IMPLS.values())
+        if not (partial and forced not in impls):
+            if forced not in impls or not runs_on(forced, device):
+                where = "" if forced not in impls else f" for {device.type} tensors"
+                raise RuntimeError(f"SPARSE_SAE_BACKEND={forced} but op {op!r} has no {forced} "
+                                   f"implementation{where} ({unavailable_reason(forced, device)})")
+            return forced
     for backend in _PREFERENCE.get(device.type, ()):
-        if backend in impls:
+        if backend in impls and runs_on(backend, device):
             return backend
     if _C is None and device.type == "cpu":
         _warn_once("no_ext", f"sparse_sae: the compiled extension is not available ({_C_ERROR}); "
@@ -77,7 +92,7 @@ def dispatch(op: str, device: torch.device) -> Callable:
     return _IMPLS[op][backend_for(op, device)]
 
 
-def unavailable_reason(backend: str) -> str:
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str:
     if backend == "cpu":
         return "the extension is built" if _C is not None else f"extension not built: {_C_ERROR}"
     if backend == "cuda":
@@ -85,6 +100,10 @@ def unavailable_reason(backend: str) -> str:
             return f"extension not built: {_C_ERROR}"
         return "the CUDA part is built" if _C.with_cuda else "the extension was built without CUDA"
     if backend == "triton":
+        if _TRITON_ERROR is not None:
+            return f"triton backend not available: {_TRITON_ERROR}"
+        if device is not None and not runs_on("triton", device):
+            return "Triton kernels run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1"
         return "no Triton kernel for this op"
     return "always available"
 

@@ -11,5 +11,11 @@ from sparse_sae.ops.select import SelectResult, select
 from sparse_sae.ops.sparse_decode import sparse_decode, sparse_decode_backward
 from sparse_sae.ops.topk_code import TopKCode, topk_code
 
+try:  # the triton backend is optional: without Triton, GPU ops use cuda/reference
+    from sparse_sae.ops import triton_backend  # noqa: F401
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    from sparse_sae import backends as _backends
+    _backends._TRITON_ERROR = f"{type(_exc).__name__}: {_exc}"
+
 __all__ = ["encode", "select", "SelectResult", "penalty_backward", "sparse_decode",
            "sparse_decode_backward", "topk_code", "TopKCode"]

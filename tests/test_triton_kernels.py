@@ -1,0 +1,215 @@
+"""Triton kernels against the reference.
+
+Three ways they run here:
+- on CPU tensors in Triton's interpreter: ``test_kernels_under_interpreter`` runs this file in a
+  child pytest with ``TRITON_INTERPRET=1`` (it must be set before Triton is imported), where the
+  kernel and module tests below run on CPU tensors with blocks of 64;
+- on a GPU when there is one (the same tests, on CUDA tensors, autotuned configs);
+- compiled ahead of time for sm_90 without a GPU: the matrix kernels must use ``wgmma``.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_sae as S
+from sparse_sae import reference as R
+from conftest import rand, assert_grads_close
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+kernels = pytest.mark.skipif(DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1 (run by "
+                                                    "test_kernels_under_interpreter)")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _assert_close(got, exact, same_dtype, dtype, name=""):
+    """fp32: close to the exact (float64) result. Half types: at most twice the error of the
+    same formula computed by PyTorch in that dtype (plus a small floor); four times for bf16 in
+    the interpreter, which casts fp32 to bf16 by truncation instead of round-to-nearest-even."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    err = (got.double() - exact).abs().max().item()
+    ref_err = (same_dtype.double() - exact).abs().max().item()
+    factor = 4 if (INTERPRET and DEVICE == "cpu" and dtype == torch.bfloat16) else 2
+    assert err <= factor * ref_err + 1e-3 * (1 + exact.abs().max().item()), (name, err, ref_err)
+
+
+def _to(dtype, *tensors):
+    return [t.to(device=DEVICE, dtype=dtype if t.is_floating_point() else t.dtype) for t in tensors]
+
+
+# ----------------------------------------------------------------------------- the child run
+@pytest.mark.skipif(INTERPRET, reason="this is the parent of the interpreter run")
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", SPARSE_SAE_BACKEND="")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------- encode
+@kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,D,F", [(1, 70, 3), (67, 45, 130), (130, 129, 65)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_encode(gen, dtype, B, D, F, relu):
+    from sparse_sae.triton_kernels.encode import encode
+    x, W, b_enc, b_dec = rand(gen, B, D), rand(gen, F, D) / D ** 0.5, rand(gen, F, scale=0.3), rand(gen, D, scale=0.5)
+    x, W, b_enc, b_dec = _to(dtype, x, W, b_enc, b_dec)
+    got = encode(x, W, b_enc, b_dec, relu)
+    want = R.encode_ref(*(t.double() for t in (x, W, b_enc, b_dec)), relu)   # exact, from the rounded inputs
+    assert got.dtype == dtype and got.shape == (B, F)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- penalty backward
+def _penalty_case(gen, B, F, D, k, dtype, dead_block):
+    """Inputs of the penalty backward from a real selection; latents in ``dead_block`` never fire
+    (a whole column block inactive) and row 0 has no active entry (its norms are 0)."""
+    x, W, b_enc, b_dec = rand(gen, B, D), rand(gen, F, D) / D ** 0.5, rand(gen, F, scale=0.3), rand(gen, D, scale=0.1)
+    h = R.encode_ref(x, W, b_enc, b_dec)
+    h[:, dead_block] = 0
+    h[0] = 0
+    values, indices = R.topk_select_ref(h, k)
+    active = R.batch_active_ref(values, indices, F)
+    x, W, b_dec, h = _to(dtype, x, W, b_dec, h)
+    n1, n2 = R.active_row_norms_ref(h, active.to(DEVICE))
+    sp_grad = rand(gen, B, k).float() * (values > 0)
+    return x, W, b_dec, h, active.to(DEVICE), n1, n2, indices.to(DEVICE), sp_grad.to(DEVICE)
+
+
+@kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,D,k", [(67, 200, 70, 5), (1, 130, 65, 130), (90, 70, 129, 17)])
+@pytest.mark.parametrize("terms", ["both", "off", "ratio", "none"])
+def test_penalty_backward(gen, dtype, B, F, D, k, terms):
+    from sparse_sae.ops.triton_backend import penalty_backward_triton
+    x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, dtype, slice(64, 128))
+    coef_off = torch.tensor(0.37, device=DEVICE) if terms in ("both", "off") else None
+    coef_ratio = torch.tensor(-0.8, device=DEVICE) if terms in ("both", "ratio") else None
+    got = penalty_backward_triton(x, W, b_dec, h, active, n1, n2, idx, sp_grad, coef_off, coef_ratio, 1e-6, False)
+    want = R.penalty_backward_ref(*(t.double() for t in (x, W, b_dec, h)), active, n1.double(), n2.double(), idx,
+                                  sp_grad.double(), coef_off, coef_ratio, 1e-6, False)
+    same = R.penalty_backward_ref(x, W, b_dec, h, active, n1, n2, idx, sp_grad, coef_off, coef_ratio, 1e-6, False)
+    for name, g, w, r in zip(("dW_enc", "db_enc", "db_dec"), got, want, same):
+        assert g.dtype == dtype, name
+        _assert_close(g, w, r, dtype, name)
+    if F >= 128:   # the never-active block gets exactly the sparse part: nothing
+        assert torch.count_nonzero(got[0][64:128]) == 0
+
+
+# ----------------------------------------------------------------------------- sparse decode
+@kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,D,k", [(67, 130, 70, 5), (1, 70, 129, 70), (90, 65, 200, 1)])
+def test_sparse_decode(gen, dtype, B, F, D, k):
+    from sparse_sae.ops.triton_backend import sparse_decode_backward_triton, sparse_decode_triton
+    values = rand(gen, B, k).abs()
+    indices = torch.randint(0, F, (B, k), generator=gen)
+    indices[:, 0] = indices[:, -1]   # a repeated latent in a row sums
+    W, b, grad = rand(gen, F, D) / D ** 0.5, rand(gen, D), rand(gen, B, D)
+    values, indices, W, b, grad = _to(dtype, values, indices, W, b, grad)
+    got = sparse_decode_triton(values, indices, W, b)
+    torch.testing.assert_close(got.double(), R.sparse_decode_ref(values.double(), indices, W.double(), b.double()),
+                               **TOL[dtype])
+    d_values, dW = sparse_decode_backward_triton(grad, values, indices, W)
+    want_dv, want_dW = R.sparse_decode_backward_ref(grad.double(), values.double(), indices, W.double())
+    torch.testing.assert_close(d_values.double(), want_dv, **TOL[dtype])
+    torch.testing.assert_close(dW.double(), want_dW, **TOL[dtype])
+    assert d_values.dtype == dtype and dW.dtype == dtype
+
+
+# ----------------------------------------------------------------------------- the module path
+@kernels
+@pytest.mark.parametrize("make", [
+    lambda: S.TopKSAE(29, 131, 7, [S.OffSupportL1(0.3), S.L1L2Ratio(0.1)], auxk=S.AuxK(k_aux=5, dead_after_tokens=1)),
+    lambda: S.TopKSAE(29, 131, 7),
+    lambda: S.TopKSAE(29, 70, 70, [S.L1L2Ratio(0.1)]),
+    lambda: S.BatchTopKSAE(29, 131, 4, [S.OffSupportL1(0.3), S.DecoderNormL1(0.1)]),
+])
+def test_module_triton_backend_equals_reference_backend(gen, monkeypatch, make):
+    from sparse_sae.backends import backend_for
+    sae = make().to(DEVICE)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(rand(gen, *p.shape, dtype=torch.float32) * 0.3)
+        sae.tokens_since_fired.copy_(torch.arange(sae.tokens_since_fired.numel()) % 2)
+    x = rand(gen, 45, 29, dtype=torch.float32).to(DEVICE)
+    outs = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("SPARSE_SAE_BACKEND", backend)
+        assert backend_for("penalty_backward", torch.device(DEVICE)) == backend
+        state = {k: v.clone() for k, v in sae.state_dict().items()}
+        out = sae(x)
+        sae.zero_grad()
+        out.loss.backward()
+        outs.append((out, [p.grad.clone() for p in sae.parameters()]))
+        sae.load_state_dict(state)
+    (ref, ref_grads), (tri, tri_grads) = outs
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tri.loss, ref.loss, **tol)
+    for key in ref.losses:
+        torch.testing.assert_close(tri.losses[key], ref.losses[key], **tol)
+    torch.testing.assert_close(tri.recon, ref.recon, **tol)
+    assert torch.equal(tri.indices, ref.indices)
+    assert_grads_close(tri_grads, ref_grads, **tol)
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+def _compile_sm90(fn, types, constexprs, num_warps=4, num_stages=3):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                               num_stages=num_stages))
+
+
+@pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
+def test_matrix_kernels_compile_for_sm90_with_wgmma():
+    from sparse_sae.triton_kernels.encode import encode_kernel, hopper_configs
+    from sparse_sae.triton_kernels.penalty_backward import hopper_configs as pen_configs
+    from sparse_sae.triton_kernels.penalty_backward import penalty_grad_gemm_kernel
+    enc = hopper_configs()[0]
+    types = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_enc_ptr", "b_dec_ptr", "h_ptr")}
+    types.update({n: "i32" for n in ("B", "F", "D", "stride_x", "stride_w", "stride_h")})
+    k = _compile_sm90(encode_kernel, types, dict(RELU=True, PRECISION="ieee", UPCAST=False, **enc.kwargs),
+                      enc.num_warps, enc.num_stages)
+    assert "wgmma.mma_async" in k.asm["ptx"] and k.asm["cubin"]
+    pen = pen_configs()[0]
+    types = {"h_ptr": "*bf16", "xc_ptr": "*bf16", "active_ptr": "*u8", "n1_ptr": "*fp32", "n2_ptr": "*fp32",
+             "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "start_ptr": "*i64", "entry_ptr": "*i64",
+             "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": "*bf16", "db_ptr": "*bf16", "ratio_eps": "fp32"}
+    types.update({n: "i32" for n in ("B", "F", "D", "WIDTH", "stride_h", "stride_xc", "stride_dw")})
+    k = _compile_sm90(penalty_grad_gemm_kernel, types, dict(HAS_OFF=True, HAS_RATIO=True, PRECISION="ieee",
+                                                             UPCAST=False, **pen.kwargs), pen.num_warps, pen.num_stages)
+    assert "wgmma.mma_async" in k.asm["ptx"] and k.asm["cubin"]
+
+
+@pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
+def test_decoder_kernels_compile_for_sm90():
+    from sparse_sae.triton_kernels import sparse_decode as sd
+    i32 = "i32"
+    k = _compile_sm90(sd.sparse_decode_kernel, {"val_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*bf16",
+                                                "b_ptr": "*bf16", "out_ptr": "*bf16", "B": i32, "K": i32, "D": i32,
+                                                "stride_w": i32, "stride_out": i32}, dict(BM=32, BD=256))
+    assert k.asm["cubin"]
+    k = _compile_sm90(sd.sparse_decode_dvalues_kernel, {"grad_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*bf16",
+                                                        "dval_ptr": "*bf16", "K": i32, "D": i32, "stride_grad": i32,
+                                                        "stride_w": i32}, dict(BJ=32, BD=256))
+    assert k.asm["cubin"]
+    k = _compile_sm90(sd.grouped_rows_kernel, {"start_ptr": "*i64", "entry_ptr": "*i64", "val_ptr": "*fp32",
+                                               "src_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*bf16", "D": i32,
+                                               "WIDTH": i32, "stride_src": i32, "stride_out": i32},
+                      dict(HAS_SUM=True, BE=16, BD=512))
+    assert k.asm["cubin"]
