@@ -17,7 +17,7 @@ STAMP := $(dir $(PY)).sparse_sae_setup
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-peers bench-suite clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,26 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Benchmark against the peers (README "Benchmark"). The peers (sae-lens pulls transformers,
+# datasets, ...) go into their own environment, $(PEERS_VENV), so they cannot change the core
+# one; torch is pinned there to the core's version, and the checkout joins its path through a
+# .pth file (the in-place extension that `make setup` built matches that torch).
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(abspath $(PEERS_VENV))/bin/python
+BENCH_ARGS ?= --threads 2
+
+bench-peers: setup
+	@test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --upgrade pip
+	$(PEERS_PY) -m pip install "torch==$(TORCH_VERSION)" numpy "safetensors>=0.4" tqdm -r bench/peers/requirements.txt
+	echo "$(CURDIR)" > "$$($(PEERS_PY) -c 'import site; print(site.getsitepackages()[0])')/sparse_sae_checkout.pth"
+	$(PEERS_PY) -c "import sparse_sae, sparsify, overcomplete, sae_lens; print('peers ready')"
+
+# Runs the CPU suite (with the peers when `make bench-peers` was run) and rewrites the README table.
+bench-suite: setup
+	$(if $(wildcard $(PEERS_PY)),$(PEERS_PY),$(PY)) bench/suite.py $(BENCH_ARGS)
+	$(PY) bench/report.py bench/results/suite_cpu.json
 
 clean:
 	rm -rf build *.egg-info sparse_sae/_C*.so

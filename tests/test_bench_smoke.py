@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark suite (bench/suite.py) and the README table generator
+(bench/report.py) at tiny sizes. Peers need not be installed: their rows are skipped with the
+reason. Checks what the suite reports, never how fast anything ran."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import report  # noqa: E402
+import suite  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert suite.main(["--shapes", "37,12,53,5", "--steps", "2", "--warmup", "1", "--threads", "1",
+                       "--impls", "ours", "dense", "sparsify", "--no-memory", "--out", str(out)]) == 0
+    return json.loads((out / "suite_cpu.json").read_text())
+
+
+def test_suite_rows(results):
+    rows = {(r["variant"], r["impl"]): r for r in results["rows"]}
+    assert len(rows) == 6 * 3
+    for variant in ("topk", "topk_off", "topk_ratio", "batchtopk", "relu_l1", "jumprelu"):
+        for impl in ("ours", "dense"):
+            r = rows[variant, impl]
+            assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
+            assert r["grad_rel_error"] < 1e-5, (variant, impl, r["grad_rel_error"])
+        assert rows[variant, "ours"]["ratio_to_ours"] == 1.0
+    assert rows["batchtopk", "sparsify"]["skipped"] == "sparsify has no batchtopk SAE"
+    env = results["env"]
+    assert env["torch_threads"] == 1 and env["dtype"] == "float32" and env["device"] == "cpu"
+    assert "sparse-sae" in env["versions"] and "eai-sparsify" in env["versions"]
+    assert "--shapes" in results["command"]
+
+
+def test_memory_row_and_bad_shape():
+    mb = suite.memory_row("ours", "topk_ratio", (17, 8, 29, 3), torch.device("cpu"), torch.float32)
+    assert mb >= 0
+    with pytest.raises(SystemExit):
+        suite.build_parser().parse_args(["--shapes", "4,4,4,9"])   # k > F
+
+
+def test_report_rewrites_only_between_markers(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n\nbefore\n{report.START}\nold table\n{report.END}\nafter\n")
+    src = tmp_path / "suite_cpu.json"
+    src.write_text(json.dumps(results))
+    assert report.main([str(src), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# t\n\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
+    assert "old table" not in text
+    assert "| Top-k + l1/l2 ratio | **sparse_sae** |" in text
+    assert "| BatchTopK | sparsify | skipped |" in text
+    assert "### GPU\n\nNot measured" in text and "B = 37, D = 12, F = 53, k = 5" in text
+    assert results["command"] in text
+    readme.write_text("no markers\n")
+    assert report.main([str(src), "--readme", str(readme)]) == 1
