@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-CPU_SHAPES = ["2048,512,8192,32", "4096,512,16384,64"]
+CPU_SHAPES = ["2048,512,8192,32", "4096,512,8192,64"]
 GPU_SHAPES = [f"4096,{D},{F},{k}" for D, F, k in itertools.product((1024, 4096), (32768, 131072), (32, 128))]
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -47,10 +47,10 @@ def parse_shape(spec: str) -> tuple:
     return B, D, F, k
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog=None) -> argparse.ArgumentParser:
     from peers import ADAPTERS
     from peers.common import VARIANTS
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
@@ -200,7 +200,7 @@ def environment(device, dtype, threads: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- main
-def run(args, command: str) -> dict:
+def run(args, command: str, save=None) -> dict:
     import torch
     from peers.common import (BANDWIDTH, COEF_L0, COEF_L1, COEF_OFF, COEF_RATIO, THETA, Unavailable)
     device = torch.device(args.device)
@@ -240,6 +240,8 @@ def run(args, command: str) -> dict:
                             row["grad_error"] = str(exc)
                 results.append(row)
                 print(_progress(row), file=sys.stderr, flush=True)
+            if save is not None:
+                save({"env": env, "command": command, "partial": True, "rows": results})
     env["loadavg_end"] = os.getloadavg()
     return {"env": env, "command": command,
             "settings": {"steps": args.steps, "warmup": args.warmup, "grad_batch": args.grad_batch,
@@ -266,9 +268,9 @@ def _progress(row) -> str:
             f"peak {row.get('peak_mb', float('nan')):8.1f} MB  grad err {err if err is None else f'{err:.2e}'}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if args._memory_row:
@@ -280,10 +282,13 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.grad_batch < 2:
         raise SystemExit("--steps must be >= 1, --warmup >= 0 and --grad-batch >= 2")
     args.shapes = args.shapes or [parse_shape(s) for s in (GPU_SHAPES if cuda else CPU_SHAPES)]
-    result = run(args, "python bench/suite.py " + shlex.join(argv))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"suite_{args.device.split(':')[0]}.json"
+    partial = path.with_suffix(".partial.json")
+    result = run(args, "python bench/suite.py " + shlex.join(argv),
+                 save=lambda res: partial.write_text(json.dumps(res, indent=2) + "\n"))
     path.write_text(json.dumps(result, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -62,3 +62,11 @@ def test_report_rewrites_only_between_markers(results, tmp_path):
     assert results["command"] in text
     readme.write_text("no markers\n")
     assert report.main([str(src), "--readme", str(readme)]) == 1
+
+
+def test_cli_bench_runs_the_checkout_suite(tmp_path, capsys):
+    from sparse_sae.cli import main
+    assert main(["bench", "--shapes", "20,6,16,2", "--impls", "dense", "--variants", "topk", "--steps", "1",
+                 "--warmup", "0", "--no-memory", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "suite_cpu.json").read_text())["rows"]
+    assert [(r["impl"], r["variant"]) for r in rows] == [("ours", "topk"), ("dense", "topk")]
