@@ -87,12 +87,20 @@ def _penalty_case(gen, B, F, D, k, dtype, dead_block):
     return x, W, b_dec, h, active.to(DEVICE), n1, n2, indices.to(DEVICE), sp_grad.to(DEVICE)
 
 
+PENALTY_SHAPES = [(67, 200, 70, 5), (1, 130, 65, 130), (90, 70, 129, 17)]
+PENALTY_CASES = ([(dtype, shape, "both", steps) for dtype in DTYPES for shape in PENALTY_SHAPES for steps in (True, False)]
+                 + [(torch.float32, PENALTY_SHAPES[0], "off", True), (torch.float32, PENALTY_SHAPES[2], "ratio", False),
+                    (torch.bfloat16, PENALTY_SHAPES[0], "none", None)])
+
+
 @kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,F,D,k", [(67, 200, 70, 5), (1, 130, 65, 130), (90, 70, 129, 17)])
-@pytest.mark.parametrize("terms", ["both", "off", "ratio", "none"])
-def test_penalty_backward(gen, dtype, B, F, D, k, terms):
+@pytest.mark.parametrize("dtype,shape,terms,sparse_steps", PENALTY_CASES)
+def test_penalty_backward(gen, monkeypatch, dtype, shape, terms, sparse_steps):
+    """Both ways the sparse part joins the GEMM (one-hot K steps, or a first pass by latent)."""
+    B, F, D, k = shape
     from sparse_sae.ops.triton_backend import penalty_backward_triton
+    from sparse_sae.triton_kernels import penalty_backward as kernel
+    monkeypatch.setattr(kernel, "sparse_steps_pay", lambda *a: sparse_steps)
     x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, dtype, slice(64, 128))
     coef_off = torch.tensor(0.37, device=DEVICE) if terms in ("both", "off") else None
     coef_ratio = torch.tensor(-0.8, device=DEVICE) if terms in ("both", "ratio") else None
@@ -198,7 +206,8 @@ def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, skip_empty):
              "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "start_ptr": "*i64", "entry_ptr": "*i64",
              "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": "*bf16", "db_ptr": "*bf16", "ratio_eps": "fp32"}
     types.update({n: "i32" for n in ("B", "F", "D", "WIDTH", "stride_h", "stride_xc", "stride_dw")})
-    consts = dict(pen.kwargs, HAS_OFF=has_off, HAS_RATIO=True, PRECISION="ieee", UPCAST=False, SKIP_EMPTY=skip_empty)
+    consts = dict(pen.kwargs, HAS_OFF=has_off, HAS_RATIO=True, PRECISION="ieee", UPCAST=False, SKIP_EMPTY=skip_empty,
+                  SPARSE_STEPS=has_off)
     k = _compile_for(penalty_grad_gemm_kernel, types, consts, pen.num_warps, pen.num_stages)
     assert "wgmma.mma_async" in k.asm["ptx"] and k.asm["cubin"]
 

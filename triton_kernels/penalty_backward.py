@@ -8,8 +8,11 @@ The tile is rounded to the weights' dtype (as the reference rounds ``G``) and mu
 tensor cores with fp32 accumulation. Column blocks with no batch-active latent are written as
 zeros without reading ``h``; with ``SKIP_EMPTY`` a tile with no positive active entry skips its
 product. The sparse part (``sp_grad`` at ``(i, sp_indices[i, j])``, grouped by latent) joins the
-same accumulator as extra K steps, so ``dW_enc`` is rounded once. Without penalty terms (plain
-Top-k) only the sparse part runs, by the decoder's :func:`grouped_rows_kernel`.
+same accumulator: when a latent block holds few entries, as extra K steps whose ``G`` tile is
+one-hot by latent (``SPARSE_STEPS``; ``dW_enc`` is rounded once); when it holds many (large ``k``,
+small ``F``), where those one-hot steps would waste tensor-core work, the decoder's
+:func:`grouped_rows_kernel` writes it first and the GEMM starts from it. Without penalty terms
+(plain Top-k) only the sparse part runs, by :func:`grouped_rows_kernel`.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def penalty_grad_gemm_kernel(
     stride_h, stride_xc, stride_dw,
     # meta-parameters
     HAS_OFF: tl.constexpr, HAS_RATIO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BF: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    SPARSE_STEPS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     # program id -> tile: the D tiles of one latent block run back to back, so each block of
     # h's columns comes from HBM once and from L2 after (x - b_dec is small and stays there)
@@ -71,8 +74,13 @@ def penalty_grad_gemm_kernel(
     d_ok = rd < D
     act = tl.load(active_ptr + rf, mask=f_ok, other=0) != 0
 
-    acc = tl.zeros((BF, BD), dtype=tl.float32)
-    colsum = tl.zeros((BF,), dtype=tl.float32)
+    dw_ptrs = dw_ptr + rf[:, None].to(tl.int64) * stride_dw + rd[None, :]
+    if SPARSE_STEPS:
+        acc = tl.zeros((BF, BD), dtype=tl.float32)
+        colsum = tl.zeros((BF,), dtype=tl.float32)
+    else:   # start from the sparse part, already in dW and db
+        acc = tl.load(dw_ptrs, mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        colsum = tl.load(db_ptr + rf, mask=f_ok, other=0.0).to(tl.float32)
     if tl.max(act.to(tl.int32), axis=0) > 0:   # a block with no active latent has G = 0
         c_off = 0.0
         c_ratio = 0.0
@@ -110,23 +118,23 @@ def penalty_grad_gemm_kernel(
 
     # the sparse part: this latent block's entries (contiguous in CSC order) as extra K steps
     # whose G tile is one-hot by latent, rounded like G, times the gathered rows of x - b_dec
-    lo = tl.load(start_ptr + pid_f * BF)
-    hi = tl.load(start_ptr + tl.minimum(pid_f * BF + BF, F))
-    for e0 in range(lo, hi, BB):
-        re = e0 + rb
-        e_ok = re < hi
-        ent = tl.load(entry_ptr + re, mask=e_ok, other=0)
-        lat = tl.load(sp_idx_ptr + ent, mask=e_ok, other=-1)
-        v = tl.load(sp_grad_ptr + ent, mask=e_ok, other=0.0)
-        gs = tl.where(rf[:, None] == lat[None, :], v[None, :], 0.0)                 # BF x BB
-        colsum += tl.sum(gs, axis=1)
-        xs = tl.load(xc_ptr + (ent // WIDTH)[:, None] * stride_xc + rd[None, :],
-                     mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = dot(gs.to(xc_ptr.dtype.element_ty), xs, acc, PRECISION, UPCAST)
+    if SPARSE_STEPS:
+        lo = tl.load(start_ptr + pid_f * BF)
+        hi = tl.load(start_ptr + tl.minimum(pid_f * BF + BF, F))
+        for e0 in range(lo, hi, BB):
+            re = e0 + rb
+            e_ok = re < hi
+            ent = tl.load(entry_ptr + re, mask=e_ok, other=0)
+            lat = tl.load(sp_idx_ptr + ent, mask=e_ok, other=-1)
+            v = tl.load(sp_grad_ptr + ent, mask=e_ok, other=0.0)
+            gs = tl.where(rf[:, None] == lat[None, :], v[None, :], 0.0)                 # BF x BB
+            colsum += tl.sum(gs, axis=1)
+            xs = tl.load(xc_ptr + (ent // WIDTH)[:, None] * stride_xc + rd[None, :],
+                         mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = dot(gs.to(xc_ptr.dtype.element_ty), xs, acc, PRECISION, UPCAST)
 
     # epilogue: dW_enc tile, and db_enc from the first D tile
-    tl.store(dw_ptr + rf[:, None].to(tl.int64) * stride_dw + rd[None, :], acc.to(dw_ptr.dtype.element_ty),
-             mask=f_ok[:, None] & d_ok[None, :])
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(db_ptr + rf, colsum.to(db_ptr.dtype.element_ty), mask=f_ok)
 
@@ -135,19 +143,28 @@ def penalty_grad_gemm_kernel(
 def _tuned(cc: int, fp32: bool):
     """The kernel autotuned over one architecture's configs (key: F and D, not the batch)."""
     configs = fp32_configs() if fp32 else (hopper_configs() if cc >= 90 else ampere_configs())
-    return triton.autotune(configs=configs, key=["F", "D", "HAS_OFF", "HAS_RATIO"])(penalty_grad_gemm_kernel)
+    # dW and db are inputs too without SPARSE_STEPS: tuning runs must not accumulate into them
+    return triton.autotune(configs=configs, key=["F", "D", "HAS_OFF", "HAS_RATIO", "SPARSE_STEPS"],
+                           restore_value=["dw_ptr", "db_ptr"])(penalty_grad_gemm_kernel)
+
+
+def sparse_steps_pay(n_entries: int, B: int, F: int, block_f: int = 128) -> bool:
+    """Whether the sparse part as one-hot K steps adds at most 1/8 to the dense K loop: a latent
+    block holds about ``n_entries * block_f / F`` entries, against ``B`` dense rows."""
+    return n_entries * block_f * 8 <= B * F
 
 
 # ------------------------------------------------------------------------------ launcher
 def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor,
                      coef_off: torch.Tensor | None, coef_ratio: torch.Tensor | None, ratio_eps: float,
                      sp_indices: torch.Tensor, sp_grad: torch.Tensor, start: torch.Tensor, entries: torch.Tensor,
-                     allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     allow_tf32: bool = False, sparse_steps: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dW_enc, db_enc)`` in ``xc``'s dtype, for ``xc = x - b_dec`` (``B x D``, the weights'
     dtype), ``h`` (``B x F``), ``active`` (``F`` bool), the row norms ``n1, n2`` (``B``), the
     penalties' 0-d coefficients (already divided by ``B``; None when absent) and the sparse
     gradient ``sp_grad`` at ``sp_indices`` (``B x w``), grouped by latent as ``(start, entries)``
-    (``sparse_sae.ops.group_by_latent``)."""
+    (``sparse_sae.ops.group_by_latent``). ``sparse_steps`` picks how the sparse part joins the
+    GEMM (see the module docstring; None: by :func:`sparse_steps_pay`)."""
     xc, h, sp_grad = xc.contiguous(), h.contiguous(), sp_grad.contiguous()
     B, D = xc.shape
     F = h.shape[1]
@@ -163,7 +180,11 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
             n2.to(torch.float32).contiguous(), c_off, c_ratio, start, entries, sp_indices.contiguous(),
             sp_grad.to(torch.float32), dW, db, B, F, D, max(sp_grad.shape[1], 1), float(ratio_eps),
             h.stride(0), xc.stride(0), dW.stride(0))
-    flags = dict(HAS_OFF=coef_off is not None, HAS_RATIO=coef_ratio is not None,
+    if sparse_steps is None:
+        sparse_steps = sparse_steps_pay(sp_grad.numel(), B, F)
+    if not sparse_steps:
+        grouped_rows(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
+    flags = dict(HAS_OFF=coef_off is not None, HAS_RATIO=coef_ratio is not None, SPARSE_STEPS=sparse_steps,
                  PRECISION=dot_precision(xc.dtype, allow_tf32), UPCAST=upcast_dot(xc.dtype))
     if interpreting():
         c = INTERPRETER_CONFIG
