@@ -46,7 +46,7 @@ def device_section(res: dict) -> str:
              f"Command: `{res['command']}`, then `python bench/report.py`.  ",
              f"Step: {s['step']}. Median of {s['steps']} interleaved steps after {s['warmup']} warm-up; "
              f"\"vs ours\" is the row's time over ours for the same variant (above 1: slower than ours). "
-             f"Peak memory: {s['memory']}. Gradient check: {s['grad_check']} ({s['grad_batch']}).",
+             f"Peak memory: {s['memory']}. Gradient check: {s['grad_check']} (grad_batch = {s['grad_batch']}).",
              ""]
     shapes = []
     for r in res["rows"]:
