@@ -101,6 +101,7 @@ def test_penalty_backward(gen, monkeypatch, dtype, shape, terms, sparse_steps):
     from sparse_sae.ops.triton_backend import penalty_backward_triton
     from sparse_sae.triton_kernels import penalty_backward as kernel
     monkeypatch.setattr(kernel, "sparse_steps_pay", lambda *a: sparse_steps)
+    monkeypatch.setitem(kernel.INTERPRETER_CONFIG, "SKIP_EMPTY", bool(sparse_steps))   # both loop forms
     x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, dtype, slice(64, 128))
     coef_off = torch.tensor(0.37, device=DEVICE) if terms in ("both", "off") else None
     coef_ratio = torch.tensor(-0.8, device=DEVICE) if terms in ("both", "ratio") else None
@@ -178,7 +179,11 @@ def _compile_for(fn, types, constexprs, num_warps=4, num_stages=3, cc=90):
     from triton.compiler import ASTSource
     names = fn.arg_names
     sig = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
-    src = ASTSource(fn, sig, constexprs)
+    # what the JIT assumes for aligned tensors with strides (and D) multiples of 16: without it
+    # loads are not vectorised and the K loop is not pipelined
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride") or n == "D")}
+    src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps,
                                                                                num_stages=num_stages))
 
@@ -192,24 +197,27 @@ def test_encode_compiles_with_tensor_core_instructions(cc, instruction):
     types = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_enc_ptr", "b_dec_ptr", "h_ptr")}
     types.update({n: "i32" for n in ("B", "F", "D", "stride_x", "stride_w", "stride_h")})
     k = _compile_for(encode_kernel, types, dict(RELU=True, PRECISION="ieee", UPCAST=False, **enc.kwargs),
-                      enc.num_warps, enc.num_stages, cc=cc)
+                     enc.num_warps, enc.num_stages, cc=cc)
     assert instruction in k.asm["ptx"] and k.asm["cubin"]
+    assert "async_copy_global_to_local" in k.asm["ttgir"], "the K loop is not pipelined"
 
 
 @pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
-@pytest.mark.parametrize("has_off,skip_empty", [(True, True), (False, False)])
-def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, skip_empty):
+@pytest.mark.parametrize("has_off,config,sparse_steps", [(True, 0, False), (False, 3, True)])
+def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, config, sparse_steps):
     from sparse_sae.triton_kernels.penalty_backward import hopper_configs as pen_configs
     from sparse_sae.triton_kernels.penalty_backward import penalty_grad_gemm_kernel
-    pen = pen_configs()[0]
+    pen = pen_configs()[config]
     types = {"h_ptr": "*bf16", "xc_ptr": "*bf16", "active_ptr": "*u8", "n1_ptr": "*fp32", "n2_ptr": "*fp32",
              "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "start_ptr": "*i64", "entry_ptr": "*i64",
              "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": "*bf16", "db_ptr": "*bf16", "ratio_eps": "fp32"}
     types.update({n: "i32" for n in ("B", "F", "D", "WIDTH", "stride_h", "stride_xc", "stride_dw")})
-    consts = dict(pen.kwargs, HAS_OFF=has_off, HAS_RATIO=True, PRECISION="ieee", UPCAST=False, SKIP_EMPTY=skip_empty,
-                  SPARSE_STEPS=has_off)
+    consts = dict(pen.kwargs, HAS_OFF=has_off, HAS_RATIO=True, PRECISION="ieee", UPCAST=False,
+                  SPARSE_STEPS=sparse_steps)
     k = _compile_for(penalty_grad_gemm_kernel, types, consts, pen.num_warps, pen.num_stages)
     assert "wgmma.mma_async" in k.asm["ptx"] and k.asm["cubin"]
+    if not pen.kwargs["SKIP_EMPTY"]:
+        assert "async_copy_global_to_local" in k.asm["ttgir"], "the K loop is not pipelined"
 
 
 @pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
