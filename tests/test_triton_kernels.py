@@ -56,6 +56,37 @@ def test_kernels_under_interpreter():
     assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-3000:]
 
 
+# ----------------------------------------------------------------------------- dispatch
+@pytest.mark.skipif(INTERPRET, reason="checks dispatch without the interpreter")
+def test_triton_backend_dispatch(monkeypatch):
+    from sparse_sae.backends import backend_for
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("SPARSE_SAE_BACKEND", raising=False)
+    assert [backend_for(op, cuda) for op in ("encode", "penalty_backward", "sparse_decode",
+                                             "sparse_decode_backward")] == ["triton"] * 4
+    assert backend_for("encode", cpu) != "triton"
+    monkeypatch.setenv("SPARSE_SAE_BACKEND", "triton")
+    assert backend_for("select", cpu) != "triton"   # selection keeps the device's usual backend
+    with pytest.raises(RuntimeError, match="for cpu tensors.*TRITON_INTERPRET=1"):
+        backend_for("encode", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_for("encode", cpu) == "triton"
+
+
+@pytest.mark.skipif(INTERPRET, reason="runs in the parent")
+def test_package_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import os, torch, sparse_sae as S\n"
+            "from sparse_sae.backends import backend_for\n"
+            "S.TopKSAE(8, 30, 3, [S.OffSupportL1(0.1)])(torch.randn(5, 8)).loss.backward()\n"
+            "os.environ['SPARSE_SAE_BACKEND'] = 'triton'\n"
+            "try:\n    backend_for('encode', torch.device('cuda'))\n"
+            "except RuntimeError as e:\n    assert 'triton backend not available' in str(e), e\n    print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPARSE_SAE_BACKEND")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- encode
 @kernels
 @pytest.mark.parametrize("dtype", DTYPES)
