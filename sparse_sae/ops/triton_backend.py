@@ -28,10 +28,16 @@ def _kernel_dtype(*tensors) -> bool:
     return dtype in KERNEL_DTYPES and all(t.dtype == dtype for t in tensors)
 
 
+def _allow_tf32() -> bool:
+    """fp32 GEMMs follow PyTorch's setting: TF32 only when ``torch.set_float32_matmul_precision``
+    allows it (the default, "highest", keeps exact fp32 products)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def encode_triton(x, W_enc, b_enc, b_dec, relu):
     if not _kernel_dtype(x, W_enc, b_enc, b_dec):
         return reference.encode_ref(x, W_enc, b_enc, b_dec, relu)
-    return _encode.encode(x, W_enc, b_enc, b_dec, relu)
+    return _encode.encode(x, W_enc, b_enc, b_dec, relu, allow_tf32=_allow_tf32())
 
 
 def penalty_backward_triton(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio,
@@ -42,7 +48,7 @@ def penalty_backward_triton(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_g
         return dW_enc, db_enc, db_dec, (dx if need_dx else x.new_empty(0))
     start, entries = group_by_latent(sp_indices, W_enc.shape[0])
     dW_enc, db_enc = _penalty.penalty_backward(x - b_dec, h, active, n1, n2, coef_off, coef_ratio, ratio_eps,
-                                               sp_indices, sp_grad, start, entries)
+                                               sp_indices, sp_grad, start, entries, allow_tf32=_allow_tf32())
     return dW_enc, db_enc, -(db_enc @ W_enc), x.new_empty(0)
 
 
