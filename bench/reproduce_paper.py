@@ -22,6 +22,9 @@ Comparison at matched FVU: a regularized run counts as matched when its FVU is w
 (relative) of plain Top-k's at the same k and seed.
 
     .venv/bin/python bench/reproduce_paper.py --threads 1 --out bench/RESULTS_paper.md
+    # plain Top-k at more k, for the matched-FVU frontier, merged into the same tables:
+    .venv/bin/python bench/reproduce_paper.py --threads 1 --ks 5 6 10 12 20 24 --off --ratio --no-auxk \
+        --json bench/RESULTS_paper_plain.json --merge bench/RESULTS_paper.json --out bench/RESULTS_paper.md
 """
 from __future__ import annotations
 
@@ -90,8 +93,8 @@ def mean_sd(vals):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--off", type=float, nargs="+", default=[0.005, 0.02, 0.08], help="off-support l1 coefficients")
-    p.add_argument("--ratio", type=float, nargs="+", default=[0.0025, 0.01, 0.04], help="l1/l2 ratio coefficients")
+    p.add_argument("--off", type=float, nargs="*", default=[0.005, 0.02, 0.08], help="off-support l1 coefficients")
+    p.add_argument("--ratio", type=float, nargs="*", default=[0.0025, 0.01, 0.04], help="l1/l2 ratio coefficients")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -99,6 +102,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=8e-3)
     p.add_argument("--auxk-dead-after", type=int, default=25_600,
                    help="the AuxK baseline: rows without firing after which a latent is dead (default 25600)")
+    p.add_argument("--no-auxk", action="store_true", help="skip the Top-k + AuxK baseline")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="runs of earlier invocations (their JSON) to include in the tables, e.g. plain Top-k at "
+                        "more k for the matched-FVU interpolation")
+    p.add_argument("--render-only", action="store_true", help="train nothing: render the --merge runs to --out")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--match", type=float, default=0.02, help="relative FVU tolerance for 'matched' (default 0.02)")
     p.add_argument("--out", default="bench/RESULTS_paper.md")
@@ -106,10 +114,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    variants = [("top-k", "none", 0.0), ("top-k + AuxK", "auxk", 1 / 32)] + [("off-support l1", "off", c) for c in args.off] + \
+    variants = [("top-k", "none", 0.0)] + ([] if args.no_auxk else [("top-k + AuxK", "auxk", 1 / 32)]) + [("off-support l1", "off", c) for c in args.off] + \
                [("l1/l2 ratio", "ratio", c) for c in args.ratio]
     runs = []
-    for seed in args.seeds:
+    for seed in ([] if args.render_only else args.seeds):
         data = make_synthetic(n_features=2048, d=192, seed=seed)
         pool = data.sample(args.steps * args.batch_size, torch.Generator().manual_seed(seed + 1))
         held, codes = sample_with_codes(data, 4096, torch.Generator().manual_seed(seed + 2))
@@ -126,7 +134,10 @@ def main(argv=None):
                       f"fvu@2k {row['fvu_2k']:.4f} ({row['seconds']} s)", flush=True)
     elapsed = time.perf_counter() - t0
     out = Path(args.out)
-    Path(args.json or out.with_suffix(".json")).write_text(json.dumps(runs, indent=1) + "\n")
+    if runs:
+        Path(args.json or out.with_suffix(".json")).write_text(json.dumps(runs, indent=1) + "\n")
+    for path in args.merge:
+        runs = json.loads(Path(path).read_text()) + runs
     out.write_text(render(runs, args, elapsed))
     print(f"wrote {out} ({elapsed / 60:.1f} min)")
 
@@ -138,19 +149,20 @@ def render(runs, args, elapsed) -> str:
     lines = ["# Reproducing the paper's claims on the synthetic benchmark", "",
              f"Command: `{cmd}`  ", f"Environment: sparse_sae {sparse_sae.__version__}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, CPU ({os.cpu_count()} cores, {args.threads} thread(s)), "
-             f"float32; {len(runs)} runs in {elapsed / 60:.1f} min.  ",
+             f"float32; {len(runs)} runs" + (f" (this invocation: {elapsed / 60:.1f} min)" if not args.render_only
+                                               else f" (times per run in the JSON)") + ".  ",
              f"Setup: demo data (2048 true features in d=192), SAE with {args.latents} latents, {args.steps} steps of "
-             f"{args.batch_size} rows, lr {args.lr}; seeds {args.seeds} (data and init), mean over seeds "
+             f"{args.batch_size} rows, lr {args.lr}; seeds {sorted({r['seed'] for r in runs})} (data and init), mean over seeds "
              f"(± sd where shown). Evaluated on 4096 held-out rows. MS: true sparse codes as the independent "
              f"embedding. Matching: {runs[0]['solver']}.", "",
              "Columns: `dFVU` = relative FVU gap to plain Top-k at the same k (mean over seeds; "
              f"`*` = within {args.match:.0%}, i.e. matched FVU); `recov` = fraction of true features with a "
              "latent at cosine > 0.9; `match` = one-to-one (Hungarian) matching score; `MS` = mean "
              "monosemanticity over latents that fired; `FVU@k/4 ... @4k` = the same SAE run at another "
-             "inference k.", ""]
+             "inference k; `dead` = fraction of latents silent for the last 50,000 training rows.", ""]
     head = ["variant", "coef", "FVU", "dFVU", "L0", "recov", "mean max cos", "match", "MS", "FVU@k/4", "FVU@k/2",
-            "FVU@2k", "FVU@4k", "dead"]
-    for k in args.ks:
+            "FVU@2k", "FVU@4k", "FVU@k/2 ÷ FVU", "FVU@2k ÷ FVU", "dead"]
+    for k in sorted({r["k"] for r in runs}):
         lines += [f"## k = {k}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         groups = {}
         for r in runs:
@@ -166,12 +178,61 @@ def render(runs, args, elapsed) -> str:
             for key in ("l0", "recovered", "mean_max_cos", "matching_score", "ms_mean"):
                 m, sd = mean_sd([r[key] for r in rs])
                 cells.append(f"{m:.3f}" if key == "l0" else f"{m:.4f} ± {sd:.4f}" if key in ("recovered", "matching_score", "ms_mean") else f"{m:.4f}")
-            for key in ("fvu_k/4", "fvu_k/2", "fvu_2k", "fvu_4k", "dead"):
+            for key in ("fvu_k/4", "fvu_k/2", "fvu_2k", "fvu_4k"):
                 m, _ = mean_sd([r[key] for r in rs])
                 cells.append("-" if m is None else f"{m:.4f}")
+            for key in ("fvu_k/2", "fvu_2k"):
+                m, _ = mean_sd([r[key] / r["fvu"] if r[key] is not None else None for r in rs])
+                cells.append("-" if m is None else f"{m:.3f}")
+            cells.append(f"{mean_sd([r['dead'] for r in rs])[0]:.4f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += matched_table(runs)
     return "\n".join(lines) + "\n"
+
+
+def matched_table(runs) -> list:
+    """Each regularized setting against plain Top-k at the same FVU: per seed, plain Top-k's metrics
+    are interpolated linearly in FVU between the plain runs at neighbouring k (the plain frontier),
+    then averaged over seeds. Settings outside the plain runs' FVU range are left out."""
+    import numpy as np
+
+    keys = [("recovered", "recov"), ("matching_score", "match"), ("mean_max_cos", "mean max cos"),
+            ("ms_mean", "MS")]
+    lines = ["## At matched FVU: regularized vs the plain Top-k frontier", "",
+             "Plain Top-k trained at each k gives a frontier of (FVU, metric); it is interpolated linearly in FVU "
+             "at each regularized run's FVU (same seed), so both sides have the same FVU exactly; `k plain` is "
+             "the interpolated k plain Top-k needs for that FVU. Positive differences favour the regularizer.", "",
+             "| variant | coef | k | FVU | k plain | " + " | ".join(f"{t} reg / plain" for _, t in keys) + " |",
+             "|" + "---|" * (5 + len(keys))]
+    seeds = sorted({r["seed"] for r in runs})
+    frontier = {}
+    for seed in seeds:
+        plain = sorted((r for r in runs if r["variant"] == "top-k" and r["seed"] == seed), key=lambda r: r["fvu"])
+        frontier[seed] = plain
+    groups = {}
+    for r in runs:
+        if r["variant"] not in ("top-k",):
+            groups.setdefault((r["variant"], r["coef"], r["k"]), []).append(r)
+    for (name, coef, k), rs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][0], g[0][1])):
+        reg, pl, kp = {key: [] for key, _ in keys}, {key: [] for key, _ in keys}, []
+        for r in rs:
+            fr = frontier.get(r["seed"], [])
+            f = [p["fvu"] for p in fr]
+            if len(fr) < 2 or not f[0] <= r["fvu"] <= f[-1]:
+                break
+            kp.append(float(np.interp(r["fvu"], f, [p["k"] for p in fr])))
+            for key, _ in keys:
+                reg[key].append(r[key])
+                pl[key].append(float(np.interp(r["fvu"], f, [p[key] for p in fr])))
+        else:
+            cells = [name, f"{coef:g}", str(k), f"{statistics.fmean(r['fvu'] for r in rs):.4f}",
+                     f"{statistics.fmean(kp):.1f}"]
+            for key, _ in keys:
+                a, b = statistics.fmean(reg[key]), statistics.fmean(pl[key])
+                cells.append(f"{a:.4f} / {b:.4f} ({a - b:+.4f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
