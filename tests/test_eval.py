@@ -355,6 +355,12 @@ def test_evaluate_matches_direct(saved_run):
     assert loaded["reconstruction"]["fvu"] == pytest.approx(rep["reconstruction"]["fvu"])
 
 
+def test_cli_eval_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0 and "--embeddings" in capsys.readouterr().out
+
+
 def test_cli_eval_end_to_end(saved_run, capsys):
     tmp, run, _, _ = saved_run
     out = tmp / "report"

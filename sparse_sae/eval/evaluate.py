@@ -66,8 +66,10 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
 
     ``embeddings``: ``N x E`` (tensor or source) of the same inputs by an independent encoder,
     for the monosemanticity score. ``labels``: ``N`` integers, for probing. ``dictionary``:
-    ``n_features x d_in`` true features, for recovery. The report also carries the per-latent
-    scores under ``_arrays`` (not JSON; :func:`~sparse_sae.eval.report.write_report` saves them).
+    ``n_features x d_in`` true features, for recovery. ``device`` (default: the SAE's) is where
+    the SAE runs; the SAE is moved there and keeps its train/eval mode. The report also carries
+    the per-latent scores under ``_arrays`` (not JSON; :func:`~sparse_sae.eval.report.write_report`
+    saves them).
     """
     t0 = time.perf_counter()
     source = open_source(data)
