@@ -130,9 +130,12 @@ class MonosemanticityAccumulator:
                 raise ValueError(f"activations must be {b} x {self.f}, got {tuple(activations.shape)}")
             a = activations.to(dev, self.dtype)
             self.P += a.t() @ unit
-            self.s1 += a.sum(0); self.s2 += a.square().sum(0)
-            self.t1 += w @ a; self.t2 += w @ a.square()
-            self.vmin = torch.minimum(self.vmin, a.amin(0)); self.vmax = torch.maximum(self.vmax, a.amax(0))
+            self.s1 += a.sum(0)
+            self.s2 += a.square().sum(0)
+            self.t1 += w @ a
+            self.t2 += w @ a.square()
+            self.vmin = torch.minimum(self.vmin, a.amin(0))
+            self.vmax = torch.maximum(self.vmax, a.amax(0))
             self.count += b
         else:
             if values is None or indices is None or values.shape != indices.shape or values.shape[0] != b:
@@ -144,9 +147,12 @@ class MonosemanticityAccumulator:
             step = max(1, (1 << 22) // self.e_dim)            # bounds the (entries x E) temporary
             for s in range(0, v.numel(), step):
                 self.P.index_add_(0, idx[s:s + step], v[s:s + step, None] * unit[rows[s:s + step]])
-            self.s1.index_add_(0, idx, v); self.s2.index_add_(0, idx, v.square())
-            self.t1.index_add_(0, idx, v * w[rows]); self.t2.index_add_(0, idx, v.square() * w[rows])
-            self.vmin.scatter_reduce_(0, idx, v, "amin"); self.vmax.scatter_reduce_(0, idx, v, "amax")
+            self.s1.index_add_(0, idx, v)
+            self.s2.index_add_(0, idx, v.square())
+            self.t1.index_add_(0, idx, v * w[rows])
+            self.t2.index_add_(0, idx, v.square() * w[rows])
+            self.vmin.scatter_reduce_(0, idx, v, "amin")
+            self.vmax.scatter_reduce_(0, idx, v, "amax")
             self.count.index_add_(0, idx, torch.ones_like(idx))
         self.esum += unit.sum(0)
         self.wsum += float(w.sum())

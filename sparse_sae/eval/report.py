@@ -54,6 +54,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path, dpi) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot(report: dict, out_dir: Path) -> list:
     """Writes the PNGs; returns their paths. Raises ImportError without matplotlib."""
     import matplotlib
@@ -69,7 +77,7 @@ def plot(report: dict, out_dir: Path) -> list:
         ax.axvline(kr["trained_k"], color="gray", ls=":", label=f"trained k={kr['trained_k']}")
         ax.set(xscale="log", yscale="log", xlabel="inference k", ylabel="FVU", title="robustness to k")
         ax.legend()
-        fig.tight_layout(); fig.savefig(out_dir / "k_robustness.png", dpi=110); plt.close(fig)
+        _save(fig, out_dir / "k_robustness.png", 110)
         paths.append(out_dir / "k_robustness.png")
     ms = report.get("_arrays", {}).get("monosemanticity")
     if ms is not None and np.isfinite(ms).any():
@@ -77,7 +85,7 @@ def plot(report: dict, out_dir: Path) -> list:
         ax.hist(ms[np.isfinite(ms)], bins=50)
         ax.set(xlabel="monosemanticity score", ylabel="latents",
                title=f"MS ({int(np.isnan(ms).sum())} latents without a score)")
-        fig.tight_layout(); fig.savefig(out_dir / "ms_histogram.png", dpi=110); plt.close(fig)
+        _save(fig, out_dir / "ms_histogram.png", 110)
         paths.append(out_dir / "ms_histogram.png")
     dens = report["reconstruction"]["density"]
     if dens["counts"]:
@@ -86,7 +94,7 @@ def plot(report: dict, out_dir: Path) -> list:
         ax.stairs(dens["counts"], e, fill=True)
         ax.set(xlabel="log10 firing frequency", ylabel="latents",
                title=f"latent density ({dens['never_fired']} never fired)")
-        fig.tight_layout(); fig.savefig(out_dir / "density_histogram.png", dpi=110); plt.close(fig)
+        _save(fig, out_dir / "density_histogram.png", 110)
         paths.append(out_dir / "density_histogram.png")
     return paths
 
