@@ -103,6 +103,7 @@ def main(argv=None):
     p.add_argument("--auxk-dead-after", type=int, default=25_600,
                    help="the AuxK baseline: rows without firing after which a latent is dead (default 25600)")
     p.add_argument("--no-auxk", action="store_true", help="skip the Top-k + AuxK baseline")
+    p.add_argument("--auxk-all", action="store_true", help="train every variant with AuxK (1/32)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="runs of earlier invocations (their JSON) to include in the tables, e.g. plain Top-k at "
                         "more k for the matched-FVU interpolation")
@@ -124,7 +125,8 @@ def main(argv=None):
         for k in args.ks:
             for name, kind, coef in variants:
                 pens = {"none": [], "auxk": [], "off": [OffSupportL1(coef)], "ratio": [L1L2Ratio(coef)]}[kind]
-                auxk = AuxK(coef, dead_after_tokens=args.auxk_dead_after) if kind == "auxk" else None
+                auxk = (AuxK(1 / 32, dead_after_tokens=args.auxk_dead_after)
+                        if kind == "auxk" or args.auxk_all else None)
                 t = time.perf_counter()
                 row = run_one(data, pool, held, codes, k, pens, seed, args, auxk)
                 row.update(seed=seed, k=k, variant=name, coef=coef, seconds=round(time.perf_counter() - t, 1))
