@@ -40,7 +40,7 @@ def device_section(res: dict) -> str:
     load_txt = f"; load average {load[0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end" if load else ""
     lines = [f"### {'GPU' if dev.startswith('cuda') else 'CPU'}",
              "",
-             f"Machine: {machine} ({env['cores']} cores), {env['torch_threads']} threads for every row "
+             f"Machine: {machine} ({env['cores']} cores), {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''} for every row "
              f"(OMP_NUM_THREADS={env.get('omp_num_threads')}){load_txt}; {env['dtype']}; {env['date']}.  ",
              f"Versions: {versions}; Python {env['python']}.  ",
              f"Command: `{res['command']}`, then `python bench/report.py`.  ",
@@ -69,8 +69,26 @@ def device_section(res: dict) -> str:
             err = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else "not measured"
             ratio = f"{r['ratio_to_ours']:.2f}" if r.get("ratio_to_ours") is not None else ""
             lines.append(f"| {title} | {name} | {r['median_ms']:.1f} | {ratio} | {mem} | {err} | {r.get('note', '')} |")
-        lines.append("")
+        lines += ["", *summary([r for r in res["rows"] if (r["B"], r["D"], r["F"], r["k"]) == (B, D, F, k)]), ""]
     return "\n".join(lines).rstrip()
+
+
+def summary(rows) -> list[str]:
+    """One line per comparison the project targets, computed from the rows of one shape."""
+    t = {(r["variant"], r["impl"]): r["median_ms"] for r in rows if "median_ms" in r}
+    out = []
+    vs_dense = [f"{TITLES[v]} {t[v, 'dense'] / t[v, 'ours']:.2f}x" for v in TITLES if (v, "ours") in t and (v, "dense") in t]
+    if vs_dense:
+        out.append("Dense PyTorch time over ours: " + ", ".join(vs_dense) + ".")
+    peers = [f"{IMPL_TITLES[i]} {t['topk', i] / t['topk', 'ours']:.2f}x" for i in ("sparsify", "overcomplete", "saelens")
+             if ("topk", i) in t and ("topk", "ours") in t]
+    if peers:
+        out.append("Plain Top-k, peer time over ours: " + ", ".join(peers) + ".")
+    off = [f"{IMPL_TITLES[r['impl']]} {TITLES[r['variant']]} ({r['grad_rel_error']:.3g})" for r in rows
+           if r.get("grad_rel_error", 0) > 1e-6]
+    if off:
+        out.append("W_enc gradient off the reference (relative error above 1e-6): " + "; ".join(off) + ".")
+    return [line + "  " for line in out[:-1]] + out[-1:]
 
 
 def replace_between(text: str, body: str) -> str:

@@ -48,7 +48,8 @@ def build(variant: str, w, k: int) -> Runner:
 
 
 class _Overcomplete(Runner):
-    note = "no decoder bias: run and checked with b_dec = 0"
+    note = ("no decoder bias: run and checked with b_dec = 0; it renormalizes the dictionary as "
+            "W / (norm + 1e-8), hence a ~1e-7 gradient difference")
 
     def __init__(self, sae, variant, k):
         self.sae, self.variant, self.k, self.params = sae, variant, k, list(sae.parameters())
