@@ -4,8 +4,11 @@
 // G_pen_ij = [h_ij > 0][j in A] (alpha_i + beta_i h_ij), with alpha_i = coef_off +
 // coef_ratio / (n2_i + eps) and beta_i = -coef_ratio n1_i / (n2_i (n2_i + eps)^2), is rebuilt
 // one block of rows at a time over the batch-active columns only, the block's sparse entries
-// are added in place, and one BLAS GEMM per block accumulates dW_enc (and dx). Without a
-// penalty only the sparse part exists; it is accumulated by latent (CSC), deterministically.
+// are added in place, and one BLAS GEMM per block accumulates dW_enc (and dx). When few
+// entries of h are positive on the batch-active columns (a trained regularized SAE: the
+// off-support l1 pushes off-support pre-activations below zero), G_pen is gathered as a sparse
+// matrix and accumulated by latent instead of by dense GEMMs. Without a penalty only the
+// sparse part exists. Sparse accumulation is by latent (CSC), deterministic.
 #include <algorithm>
 #include <vector>
 
@@ -16,6 +19,73 @@
 
 namespace sparse_sae {
 namespace {
+
+// Density of positive batch-active entries of h (over B x |A|) below which G_pen is
+// accumulated sparsely. At init about 40% of them are positive; after a few hundred steps of
+// the demo with either paper penalty, 1-2%. On a 2-core Sapphire Rapids at B=2048, D=512,
+// F=8192 the dense path took 180-190 ms whatever the density, the sparse one 245 ms at 6.7%,
+// 106 ms at 2.3% and 50 ms at 0.6%.
+constexpr double kSparseDensity = 0.04;
+
+// G_pen over the positive batch-active entries of h as a sparse matrix, accumulated by latent:
+// dW_enc[j] += sum_i G_ij xt_i, db_enc[j] += sum_i G_ij (and dx_i += sum_j G_ij W_enc[j]).
+// One pass over h gathers the entries, a fixed number of rows per task (so the layout, and
+// every sum, is the same for any thread count).
+template <typename T>
+void sparse_penalty(const T* hp, const bool* mask, const std::vector<T>& alpha, const std::vector<T>& beta,
+                    const torch::Tensor& xt, const torch::Tensor& W_enc, int64_t B, int64_t F,
+                    torch::Tensor& dW, torch::Tensor& db, torch::Tensor& dx) {
+  constexpr int64_t kRows = 16;
+  const int64_t D = xt.size(1), n_tasks = (B + kRows - 1) / kRows;
+  std::vector<std::vector<int64_t>> task_cols(n_tasks);
+  std::vector<int64_t> rstart(B + 1, 0);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    std::vector<int64_t> buf(F);
+    auto& out = task_cols[t];
+    for (int64_t i = t * kRows; i < std::min(B, (t + 1) * kRows); ++i) {
+      const int64_t n = vec::positive_columns(hp + i * F, mask, F, buf.data());
+      out.insert(out.end(), buf.begin(), buf.begin() + n);
+      rstart[i + 1] = n;
+    }
+  }
+  for (int64_t i = 0; i < B; ++i) rstart[i + 1] += rstart[i];
+  const int64_t nnz = rstart[B];
+  std::vector<int64_t> col(nnz), row(nnz);
+  std::vector<T> val(nnz);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    const int64_t i0 = t * kRows;
+    std::copy(task_cols[t].begin(), task_cols[t].end(), col.begin() + rstart[i0]);
+    for (int64_t i = i0; i < std::min(B, i0 + kRows); ++i)
+      for (int64_t e = rstart[i]; e < rstart[i + 1]; ++e) {
+        row[e] = i;
+        val[e] = alpha[i] + beta[i] * hp[i * F + col[e]];
+      }
+  }
+  LatentGroups g = group_by_latent(col.data(), nnz, F, [](int64_t) { return true; });
+  const T* xp = xt.data_ptr<T>();
+  T* dWp = dW.data_ptr<T>();
+  T* dbp = db.data_ptr<T>();
+#pragma omp parallel for schedule(dynamic, 64)
+  for (int64_t j = 0; j < F; ++j) {
+    if (g.start[j] == g.start[j + 1]) continue;
+    T* out = dWp + j * D;
+    T bsum = 0;
+    for (int64_t p = g.start[j]; p < g.start[j + 1]; ++p) {
+      const int64_t e = g.entry[p];
+      vec::axpy(out, val[e], xp + row[e] * D, D);
+      bsum += val[e];
+    }
+    dbp[j] += bsum;
+  }
+  if (dx.numel() == 0) return;
+  const T* wp = W_enc.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t e = rstart[i]; e < rstart[i + 1]; ++e) vec::axpy(dxp + i * D, val[e], wp + col[e] * D, D);
+}
 
 template <typename T>
 void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int64_t* sp_idx, const T* sp_g,
@@ -92,7 +162,21 @@ std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const t
         cols.push_back(j);
       }
     const int64_t Fa = static_cast<int64_t>(cols.size());
+    const T* hp = h.data_ptr<T>();
+    const bool* mask = Fa == F ? nullptr : ap;  // null: every column is batch active
+    // the density of G_pen, estimated on every 8th row: it only picks the faster path
+    int64_t sampled = 0, positive = 0;
     if (Fa > 0) {
+#pragma omp parallel for schedule(static) reduction(+ : sampled, positive)
+      for (int64_t i = 0; i < B; i += 8) {
+        positive += vec::count_positive(hp + i * F, mask, F);
+        sampled += Fa;
+      }
+    }
+    if (Fa > 0 && double(positive) < kSparseDensity * double(sampled)) {
+      sparse_penalty<T>(hp, mask, alpha, beta, xt, W_enc, B, F, dW, db, dx);
+      pos.clear();  // the sparse part then takes every sparse entry
+    } else if (Fa > 0) {
       const bool all = Fa == F;
       auto cols_t = torch::from_blob(cols.data(), {Fa}, torch::kInt64).clone();
       auto dW_A = all ? dW : torch::zeros({Fa, D}, W_enc.options());
@@ -101,7 +185,6 @@ std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const t
       // rows per block: about 2M entries of G (8 MB in float32)
       const int64_t bb = std::clamp<int64_t>((int64_t(1) << 21) / Fa, 16, 1024);
       auto G = torch::empty({std::min(bb, B), Fa}, x.options());
-      const T* hp = h.data_ptr<T>();
       for (int64_t r0 = 0; r0 < B; r0 += bb) {
         const int64_t nb = std::min(bb, B - r0);
         auto Gb = G.narrow(0, 0, nb);

@@ -44,6 +44,48 @@ static inline void row_sums_t(const T* __restrict h, int64_t n, double* sum, dou
   *sq += q;
 }
 
+template <typename T>
+static inline int64_t count_positive_t(const T* __restrict h, const bool* __restrict mask, int64_t n) {
+  int64_t c = 0;
+  if (mask == nullptr) {
+#pragma omp simd reduction(+ : c)
+    for (int64_t i = 0; i < n; ++i) c += h[i] > T(0);
+  } else {
+#pragma omp simd reduction(+ : c)
+    for (int64_t i = 0; i < n; ++i) c += (h[i] > T(0)) & mask[i];
+  }
+  return c;
+}
+
+template <typename T>
+static inline int64_t positive_columns_t(const T* __restrict h, const bool* __restrict mask, int64_t n,
+                                         int64_t* __restrict cols) {
+  constexpr int64_t kChunk = 32;  // a vector test per chunk; sparse rows skip most chunks whole
+  int64_t m = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t end = c0 + kChunk < n ? c0 + kChunk : n;
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t i = c0; i < end; ++i) any |= h[i] > T(0);
+    if (!any) continue;
+    for (int64_t i = c0; i < end; ++i)
+      if (h[i] > T(0) && (mask == nullptr || mask[i])) cols[m++] = i;
+  }
+  return m;
+}
+
+SAE_MULTIVERSION int64_t count_positive(const float* h, const bool* mask, int64_t n) {
+  return count_positive_t(h, mask, n);
+}
+SAE_MULTIVERSION int64_t count_positive(const double* h, const bool* mask, int64_t n) {
+  return count_positive_t(h, mask, n);
+}
+SAE_MULTIVERSION int64_t positive_columns(const float* h, const bool* mask, int64_t n, int64_t* cols) {
+  return positive_columns_t(h, mask, n, cols);
+}
+SAE_MULTIVERSION int64_t positive_columns(const double* h, const bool* mask, int64_t n, int64_t* cols) {
+  return positive_columns_t(h, mask, n, cols);
+}
 SAE_MULTIVERSION void axpy(float* out, float a, const float* x, int64_t n) { axpy_t(out, a, x, n); }
 SAE_MULTIVERSION void axpy(double* out, double a, const double* x, int64_t n) { axpy_t(out, a, x, n); }
 SAE_MULTIVERSION float dot(const float* a, const float* b, int64_t n) { return dot_t(a, b, n); }

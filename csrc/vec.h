@@ -14,6 +14,12 @@ double dot(const double* a, const double* b, int64_t n);
 // g[c] = h[c] > 0 ? alpha + beta * h[c] : 0  (one row of the rebuilt penalty gradient)
 void penalty_row(float* g, const float* h, float alpha, float beta, int64_t n);
 void penalty_row(double* g, const double* h, double alpha, double beta, int64_t n);
+// how many c have h[c] > 0 and mask[c] (a null mask admits every c)
+int64_t count_positive(const float* h, const bool* mask, int64_t n);
+int64_t count_positive(const double* h, const bool* mask, int64_t n);
+// writes, in order, every c with h[c] > 0 and mask[c] to cols; returns how many
+int64_t positive_columns(const float* h, const bool* mask, int64_t n, int64_t* cols);
+int64_t positive_columns(const double* h, const bool* mask, int64_t n, int64_t* cols);
 // *sum += sum(h), *sq += sum(h^2), accumulated in double
 void row_sums(const float* h, int64_t n, double* sum, double* sq);
 void row_sums(const double* h, int64_t n, double* sum, double* sq);

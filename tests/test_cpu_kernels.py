@@ -84,10 +84,10 @@ def test_aux_with_fewer_dead_latents_than_k_aux(gen):
     _assert_select_equal(_cpu_select(h, 4, dead=dead, k_aux=5), _ref_select(h, 4, dead=dead, k_aux=5))
 
 
-def _pb_inputs(gen, B, D, F, k, dtype, n_aux=0):
+def _pb_inputs(gen, B, D, F, k, dtype, n_aux=0, b_enc_shift=0.0):
     x = rand(gen, B, D, dtype=dtype)
     W_enc = rand(gen, F, D, dtype=dtype) / D ** 0.5
-    b_enc = rand(gen, F, dtype=dtype, scale=0.3)
+    b_enc = rand(gen, F, dtype=dtype, scale=0.3) - b_enc_shift
     b_dec = rand(gen, D, dtype=dtype, scale=0.1)
     h = R.encode_ref(x, W_enc, b_enc, b_dec)
     dead = torch.rand(F, generator=gen) < 0.5
@@ -117,6 +117,28 @@ def test_penalty_backward_matches_reference(gen, dtype, B, D, F, k, n_aux, coefs
         assert got[3].numel() == 0
 
 
+def _positive_active_density(h, active):
+    return float((h[:, active] > 0).double().mean()) if active.any() else 0.0
+
+
+# The kernel accumulates G_pen by dense GEMM blocks or, below 4% positive batch-active entries
+# (a trained regularized SAE), as a sparse matrix by latent; the inputs pick the path.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path,shift", [("dense", 0.0), ("sparse", 3.5)])
+@pytest.mark.parametrize("B,D,F,k", [(203, 37, 611, 3), (64, 19, 97, 1), (97, 21, 257, 12)])
+@pytest.mark.parametrize("coefs", [(0.3, None), (None, 0.7), (0.2, 0.05)])
+def test_penalty_backward_dense_and_sparse_paths(gen, dtype, path, shift, B, D, F, k, coefs):
+    args = _pb_inputs(gen, B, D, F, k, dtype, n_aux=2, b_enc_shift=shift)
+    density = _positive_active_density(args[3], args[4])
+    assert (density < 0.03) if path == "sparse" else (density > 0.05), density
+    c = [None if v is None else torch.tensor(v / B, dtype=dtype) for v in coefs]
+    got = _C.penalty_backward_cpu(*args, c[0], c[1], 1e-6, True)
+    want = R.penalty_backward_ref(*args, c[0], c[1], 1e-6, True)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,F,D,k", [(1, 5, 3, 1), (37, 101, 29, 7), (16, 9, 65, 9)])
 def test_sparse_decode_backward_matches_reference(gen, dtype, B, F, D, k):
@@ -136,6 +158,8 @@ def test_same_bits_for_any_thread_count(gen):
     indices = torch.randint(0, F, (B, k), generator=gen)
     W_dec, grad = rand(gen, F, D, dtype=torch.float32), rand(gen, B, D, dtype=torch.float32)
     pb = _pb_inputs(gen, B, D, F, k, torch.float32, n_aux=3)
+    pb_sparse = _pb_inputs(gen, B, D, F, k, torch.float32, n_aux=3, b_enc_shift=3.5)
+    coefs = (torch.tensor(0.1 / B), torch.tensor(0.05 / B))
     h = _h(gen, B, F, torch.float32, ties=True)
     threads = torch.get_num_threads()
     results = []
@@ -144,6 +168,8 @@ def test_same_bits_for_any_thread_count(gen):
             torch.set_num_threads(n)
             results.append([*_C.sparse_decode_backward_cpu(grad, values, indices, W_dec),
                             *_C.penalty_backward_cpu(*pb, None, None, 1e-6, True),
+                            *_C.penalty_backward_cpu(*pb, *coefs, 1e-6, True),
+                            *_C.penalty_backward_cpu(*pb_sparse, *coefs, 1e-6, True),
                             *_C.select_cpu(h, k, "topk", 0, None, None, 0),
                             *_C.select_cpu(h, k, "batchtopk", 0, None, None, 0)])
     finally:
