@@ -2,6 +2,13 @@
 plain Top-k and for Top-k with both paper penalties, against a dense-autograd PyTorch
 implementation of the same regularized loss (bench/dense_topk.py).
 
+Each shape is timed from the random initialisation, where about half of the batch-active
+pre-activations are positive and the penalty gradient is dense; from the same weights with b_enc
+lowered (``--b-enc-shift``), a stand-in for a trained regularized SAE, whose off-support penalty
+pushes most pre-activations below zero (1-2% stay positive on the demo after 200 steps); and,
+with ``--train-steps N``, from weights trained N steps (ours, both penalties) on synthetic data.
+All variants start from the same weights and see the same batch.
+
 Times are medians of interleaved steps (the variants take turns, so machine noise hits them
 alike); peak memory is the growth of the resident set's high-water mark during two steps
 over the state after setup (parameters and batch; Adam's state is allocated in the first
@@ -9,7 +16,7 @@ step, so it is counted, alike for all), in a fresh process per variant. Writes J
 Markdown table.
 
     python bench/cpu_step.py --out bench/results            # the shapes of bench/RESULTS.md
-    python bench/cpu_step.py --shapes 256,64,512,8 --steps 2  # a quick smoke run
+    python bench/cpu_step.py --shapes 256,64,512,8 --steps 2 --train-steps 5  # a quick smoke run
 """
 from __future__ import annotations
 
@@ -29,13 +36,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dense_topk import DenseTopKSAE  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
+from sparse_sae.synthetic import make_synthetic  # noqa: E402
 
 COEF_OFF, COEF_RATIO = 0.02, 0.01
 VARIANTS = ("ours_topk", "ours_regularized", "dense_regularized")
 DEFAULT_SHAPES = ["2048,512,8192,32", "4096,512,16384,64"]
 
 
-def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0):
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def synthetic_for(D: int, F: int):
+    """Synthetic activations of width D with a known dictionary of F // 4 features."""
+    return make_synthetic(n_features=max(16, F // 4), d=D)
+
+
+def train_state(B: int, D: int, F: int, k: int, steps: int, lr: float = 4e-3, seed: int = 0):
+    """Weights of our regularized SAE after ``steps`` Adam steps on synthetic batches, a fixed
+    timing batch from the same data, and the fraction of positive batch-active pre-activations
+    on it (what decides how dense the penalty gradient is)."""
+    syn, gen = synthetic_for(D, F), torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed)
+    sae = S.TopKSAE(D, F, k, [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)], check_inputs=False)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    for _ in range(steps):
+        out = sae(syn.sample(B, gen))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+    x = syn.sample(B, gen)
+    return {n: getattr(sae, n).detach().clone() for n in PARAMS}, x, positive_active_density(sae, x)
+
+
+@torch.no_grad()
+def positive_active_density(sae, x) -> float:
+    h = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    out = sae(x)
+    active = torch.zeros(h.shape[1], dtype=torch.bool)
+    active[out.indices[out.values > 0]] = True
+    return float((h[:, active] > 0).float().mean()) if active.any() else 0.0
+
+
+def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None):
+    """One training step of ``variant`` as a closure; ``state`` = (weights, batch) from
+    :func:`train_state`, else the random initialisation and a Gaussian batch."""
     torch.manual_seed(seed)
     if variant == "ours_topk":
         model = S.TopKSAE(D, F, k, check_inputs=False)
@@ -45,8 +91,14 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0):
         model = DenseTopKSAE(D, F, k, COEF_OFF, COEF_RATIO)
     else:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if state is not None:
+        with torch.no_grad():
+            for name in PARAMS:
+                getattr(model, name).copy_(state[0][name])
+        x = state[1]
+    else:
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed + 1))
 
     def step():
         out = model(x)
@@ -57,8 +109,8 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0):
     return step
 
 
-def time_interleaved(shape, steps: int, warmup: int) -> dict:
-    fns = {v: make(v, *shape) for v in VARIANTS}
+def time_interleaved(shape, steps: int, warmup: int, state=None) -> dict:
+    fns = {v: make(v, *shape, state=state) for v in VARIANTS}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -108,22 +160,43 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="B,D,F,k (default: %(default)s)")
     p.add_argument("--steps", type=int, default=7, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="steps of training before the 'trained' timing (0: time from the initialisation only)")
+    p.add_argument("--b-enc-shift", type=float, nargs="*", default=[2.5],
+                   help="also time from the initialisation with b_enc lowered by each value: a cheap stand-in for "
+                        "the low density of positive pre-activations that training with the penalties reaches "
+                        "(the measured density is in the table)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out", type=Path, default=None, help="directory for cpu_step.json and cpu_step.md")
     args = p.parse_args(argv)
     rows = []
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split(","))
-        times = time_interleaved(shape, args.steps, args.warmup)
-        row = {"B": shape[0], "D": shape[1], "F": shape[2], "k": shape[3]}
-        for v in VARIANTS:
-            ts = sorted(times[v])
-            row[v] = {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
-                      "p80_ms": 1e3 * ts[min(len(ts) - 1, (4 * len(ts)) // 5)]}
-            if not args.no_memory:
-                row[v]["peak_mb"] = peak_memory_mb(v, shape)
-        rows.append(row)
-        print(f"done {spec}", file=sys.stderr)
+        torch.manual_seed(0)  # the initialisation make() gives ours, and its Gaussian batch
+        init_sae = S.TopKSAE(shape[1], shape[2], shape[3], check_inputs=False)
+        x0 = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1))
+        states = [("init", None, positive_active_density(init_sae, x0))]
+        for shift in args.b_enc_shift:
+            weights = {n: getattr(init_sae, n).detach().clone() for n in PARAMS}
+            weights["b_enc"] -= shift
+            with torch.no_grad():
+                init_sae.b_enc.copy_(weights["b_enc"])
+            states.append((f"init, b_enc - {shift:g}", (weights, x0), positive_active_density(init_sae, x0)))
+        if args.train_steps > 0:
+            weights, x, density = train_state(*shape, args.train_steps)
+            states.append((f"trained {args.train_steps} steps", (weights, x), density))
+        for label, state, density in states:
+            times = time_interleaved(shape, args.steps, args.warmup, state)
+            row = {"B": shape[0], "D": shape[1], "F": shape[2], "k": shape[3], "state": label,
+                   "positive_active_density": density}
+            for v in VARIANTS:
+                ts = sorted(times[v])
+                row[v] = {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
+                          "p80_ms": 1e3 * ts[min(len(ts) - 1, (4 * len(ts)) // 5)]}
+                if not args.no_memory and state is None:  # memory at the initialisation (the dense worst case)
+                    row[v]["peak_mb"] = peak_memory_mb(v, shape)
+            rows.append(row)
+            print(f"done {spec} ({label})", file=sys.stderr)
     env = environment()
     table = markdown(rows, env, args)
     print(table)
@@ -139,15 +212,16 @@ def markdown(rows, env, args) -> str:
              f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; "
              f"coefficients off={COEF_OFF}, ratio={COEF_RATIO}",
              "",
-             "| B | D | F | k | ours Top-k (ms) | ours regularized (ms) | dense regularized (ms) | "
+             "| B | D | F | k | state | h>0 density on A | ours Top-k (ms) | ours regularized (ms) | dense regularized (ms) | "
              "regularized / Top-k | dense / ours regularized | peak MB ours reg. | peak MB dense | memory ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = {v: r[v]["median_ms"] for v in VARIANTS}
         mem = [r[v].get("peak_mb") for v in ("ours_regularized", "dense_regularized")]
         mem_cells = [f"{m:.0f}" if m is not None else "not measured" for m in mem]
         ratio = f"{mem[0] / mem[1]:.2f}" if None not in mem and mem[1] > 0 else "not measured"
-        lines.append(f"| {r['B']} | {r['D']} | {r['F']} | {r['k']} | {t['ours_topk']:.1f} | "
+        dens = f"{r['positive_active_density']:.3f}"
+        lines.append(f"| {r['B']} | {r['D']} | {r['F']} | {r['k']} | {r['state']} | {dens} | {t['ours_topk']:.1f} | "
                      f"{t['ours_regularized']:.1f} | {t['dense_regularized']:.1f} | "
                      f"{t['ours_regularized'] / t['ours_topk']:.2f}x | {t['dense_regularized'] / t['ours_regularized']:.2f}x | "
                      f"{mem_cells[0]} | {mem_cells[1]} | {ratio} |")

@@ -26,7 +26,7 @@ def section(results: list[dict]) -> str:
     for res in results:
         parts.append(device_section(res))
     if "cuda" not in devices:
-        parts.append("### GPU\n\nNot measured: no GPU run of `bench/gpu_suite.py` has been recorded yet "
+        parts.append("### GPU\n\nNot measured: no GPU run of `bench/gpu_suite.py` or `bench/gpu_peers.py` has been recorded yet "
                      "(every GPU cell is \"not measured\").")
     return "\n\n".join(parts)
 

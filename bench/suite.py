@@ -11,7 +11,7 @@ batch of ``--grad-batch`` rows. A peer that is missing or lacks a variant is a s
 the reason. Every row runs with the same thread count (``--threads``; OMP_NUM_THREADS too).
 
     python bench/suite.py --threads 2                   # CPU shapes, JSON to bench/results/
-    python bench/suite.py --device cuda                 # GPU shapes in bf16 (bench/gpu_suite.py)
+    python bench/suite.py --device cuda                 # GPU shapes in bf16 (bench/gpu_peers.py)
     python bench/suite.py --shapes 64,16,128,4 --steps 2 --warmup 1 --out /tmp/b   # smoke
     python bench/report.py bench/results/suite_cpu.json # the README table
 """

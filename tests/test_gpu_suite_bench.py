@@ -1,4 +1,4 @@
-"""bench/gpu_kernels.py in its CPU dry run: tiny shapes, every pair checked for agreement, the
+"""bench/gpu_suite.py in its CPU dry run: tiny shapes, every pair checked for agreement, the
 JSON written and the table printed (no timings claimed)."""
 import json
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_kernels.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
 
 
 def test_gpu_kernel_bench_dry_run(tmp_path):
@@ -14,7 +14,7 @@ def test_gpu_kernel_bench_dry_run(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--dry-run"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert result["environment"]["dry_run"] is True
     assert {r["op"] for r in result["rows"]} == {"encode", "sparse_decode", "train_step", "select"}
     assert "dry run (not a measurement)" in res.stdout.splitlines()[-1]
