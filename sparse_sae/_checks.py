@@ -58,3 +58,26 @@ def check_code(values, indices, n_latents: int, ref: torch.Tensor):
         raise ValueError(f"indices must lie in [0, {n_latents})")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("values contains NaN or Inf")
+
+
+def check_op_args(op: str, shapes: dict, tensors: dict, indices=None, n_latents: int | None = None):
+    """Checks of a kernel op's arguments, before any backend runs: every tensor 2-D/1-D of the
+    expected ``shapes`` (name -> tuple, ``None`` for a free size) and on one device; ``indices``,
+    if given, in ``[0, n_latents)`` (on the GPU an asynchronous device assert: no host sync)."""
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+        raise ValueError(f"{op}: every tensor must be on one device, got {where}")
+    for name, want in shapes.items():
+        got = tuple(tensors[name].shape)
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+            raise ValueError(f"{op}: {name} must have shape {shown}, got {got}")
+    if indices is not None and indices.numel():
+        if indices.dtype != torch.int64:
+            raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
+        in_range = (indices >= 0) & (indices < n_latents)
+        if indices.device.type == "cuda":
+            torch._assert_async(in_range.all(), f"{op}: indices must lie in [0, {n_latents})")
+        elif not bool(in_range.all()):
+            raise ValueError(f"{op}: indices must lie in [0, {n_latents})")

@@ -5,6 +5,7 @@ import torch
 
 import sparse_sae.ops as ops
 from sparse_sae import reference as R
+from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C
 from conftest import assert_grads_close, rand, sae_params
 
@@ -152,3 +153,31 @@ def _sample_calls(gen):
 def test_opcheck_every_op(gen):
     for op, args in _sample_calls(gen):
         torch.library.opcheck(op, args)
+
+
+# Bad arguments to the public ops raise before any backend runs (the Triton kernels would
+# otherwise read out of bounds).
+def test_ops_reject_bad_arguments(gen):
+    x, W, b_enc, b_dec = (torch.randn(*s, generator=gen) for s in ((5, 7), (11, 7), (11,), (7,)))
+    with pytest.raises(ValueError, match=r"encode: x must have shape \(\*, 6\), got \(5, 7\)"):
+        ops.encode(x, torch.randn(11, 6, generator=gen), b_enc, b_dec)
+    with pytest.raises(ValueError, match="encode: b_enc"):
+        ops.encode(x, W, torch.randn(10, generator=gen), b_dec)
+    with pytest.raises(ValueError, match="every tensor must be on one device"):  # (a meta input would reach the fake impl)
+        check_op_args("encode", {}, {"x": x, "b_dec": b_dec.to("meta")})
+    values, indices = torch.rand(5, 3, generator=gen), torch.randint(0, 11, (5, 3), generator=gen)
+    for bad in (11, -1):
+        idx = indices.clone()
+        idx[2, 1] = bad
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 11\)"):
+            ops.sparse_decode(values, idx, W, b_dec)
+    with pytest.raises(ValueError, match="sparse_decode: indices"):
+        ops.sparse_decode(values, indices[:, :2], W, b_dec)
+    with pytest.raises(ValueError, match="sparse_decode_backward: grad"):
+        ops.sparse_decode_backward(torch.randn(5, 6, generator=gen), values, indices, W)
+    h = torch.relu(torch.randn(5, 11, generator=gen))
+    active, n = torch.ones(11, dtype=torch.bool), torch.ones(5)
+    with pytest.raises(ValueError, match="penalty_backward: h"):
+        ops.penalty_backward(x, W, b_dec, h[:, :10], active, n, n, indices, values, None, None, 1e-6, False)
+    with pytest.raises(ValueError, match="indices must lie"):
+        ops.penalty_backward(x, W, b_dec, h, active, n, n, indices + 11, values, None, None, 1e-6, False)

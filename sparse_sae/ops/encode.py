@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
+from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
 
 
@@ -15,6 +16,9 @@ def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, relu: bool = 
 
     Shapes: ``x`` ``B x D``, ``W_enc`` ``F x D``, ``b_enc`` ``F``, ``b_dec`` ``D``.
     """
+    F, D = W_enc.shape if W_enc.dim() == 2 else (None, None)
+    check_op_args("encode", {"x": (None, D), "W_enc": (F, D), "b_enc": (F,), "b_dec": (D,)},
+                  {"x": x, "W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec})
     return dispatch("encode", x.device)(x, W_enc, b_enc, b_dec, relu)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
+from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
 
 
@@ -24,6 +25,14 @@ def penalty_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, h: Tensor, active:
                      ratio_eps: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring. ``coef_off``/``coef_ratio`` are 0-d tensors (the penalties'
     upstream gradients divided by ``B``) or None for an absent term."""
+    B, D = x.shape if x.dim() == 2 else (None, None)
+    F = W_enc.shape[0] if W_enc.dim() == 2 else None
+    m = sp_indices.shape[1] if sp_indices.dim() == 2 else None
+    check_op_args("penalty_backward",
+                  {"x": (B, D), "W_enc": (F, D), "b_dec": (D,), "h": (B, F), "active": (F,), "n1": (B,), "n2": (B,),
+                   "sp_indices": (B, m), "sp_grad": (B, m)},
+                  {"x": x, "W_enc": W_enc, "b_dec": b_dec, "h": h, "active": active, "n1": n1, "n2": n2,
+                   "sp_indices": sp_indices, "sp_grad": sp_grad}, sp_indices, F)
     return dispatch("penalty_backward", h.device)(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                                   coef_off, coef_ratio, ratio_eps, need_dx)
 

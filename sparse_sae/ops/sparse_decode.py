@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
+from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
 
 
@@ -15,6 +16,10 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
 
     Shapes: ``values`` and ``indices`` (int64) ``B x k``, ``W_dec`` ``F x D``, ``b_dec`` ``D``.
     """
+    B, k = values.shape if values.dim() == 2 else (None, None)
+    F, D = W_dec.shape if W_dec.dim() == 2 else (None, None)
+    check_op_args("sparse_decode", {"values": (B, k), "indices": (B, k), "W_dec": (F, D), "b_dec": (D,)},
+                  {"values": values, "indices": indices, "W_dec": W_dec, "b_dec": b_dec}, indices, F)
     return dispatch("sparse_decode", values.device)(values, indices, W_dec, b_dec)
 
 
@@ -27,6 +32,10 @@ def _(values, indices, W_dec, b_dec):
 @torch.library.custom_op("sparse_sae::sparse_decode_backward", mutates_args=())
 def sparse_decode_backward(grad: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     """``(d_values, dW_dec)`` of :func:`sparse_decode` for the upstream ``grad`` (``B x D``)."""
+    B, k = values.shape if values.dim() == 2 else (None, None)
+    D = W_dec.shape[1] if W_dec.dim() == 2 else None
+    check_op_args("sparse_decode_backward", {"grad": (B, D), "values": (B, k), "indices": (B, k), "W_dec": (None, D)},
+                  {"grad": grad, "values": values, "indices": indices, "W_dec": W_dec})
     return dispatch("sparse_decode_backward", grad.device)(grad, values, indices, W_dec)
 
 
