@@ -22,9 +22,44 @@ def variants() -> tuple:
     return VARIANTS
 
 
+def _rect(u):
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z * 1[z > theta]`` with GemmaScope's straight-through threshold gradient, written out here
+    (not taken from sparse_sae.reference, so the gradient check compares two implementations)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bw):
+        ctx.save_for_backward(z, theta)
+        ctx.bw = bw
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        return g * (z > theta), (-(theta / ctx.bw) * _rect((z - theta) / ctx.bw) * g).sum(0), None
+
+
+class _Heaviside(torch.autograd.Function):
+    """``H(z - theta)`` for the L0 penalty: no gradient to z, the rectangle-kernel one to theta."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bw):
+        ctx.save_for_backward(z, theta)
+        ctx.bw = bw
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        return torch.zeros_like(z), (-(1.0 / ctx.bw) * _rect((z - theta) / ctx.bw) * g).sum(0), None
+
+
 class DenseReLUSAE(nn.Module):
     """ReLU SAE with the decoder-norm-weighted l1, or (``jump=True``) JumpReLU with the L0
-    penalty through the straight-through estimators (GemmaScope; the reference's functions)."""
+    penalty through the straight-through estimators (GemmaScope)."""
 
     def __init__(self, w, jump: bool):
         super().__init__()
@@ -38,8 +73,8 @@ class DenseReLUSAE(nn.Module):
         z = (x - self.b_dec) @ self.W_enc.T + self.b_enc
         if self.jump:
             theta = self.log_threshold.exp()
-            a = reference.jumprelu_ref(z, theta, BANDWIDTH)
-            penalty = COEF_L0 * reference.l0_ref(z, theta, BANDWIDTH)
+            a = _JumpReLU.apply(z, theta, BANDWIDTH)
+            penalty = COEF_L0 * _Heaviside.apply(z, theta, BANDWIDTH).sum() / x.shape[0]
         else:
             a = torch.relu(z)
             penalty = COEF_L1 * (a * self.W_dec.norm(dim=1)).sum() / x.shape[0]
