@@ -42,7 +42,7 @@ test: setup
 # .pth file (the in-place extension that `make setup` built matches that torch).
 PEERS_VENV ?= .venv-peers
 PEERS_PY := $(abspath $(PEERS_VENV))/bin/python
-BENCH_ARGS ?= --threads 2
+BENCH_ARGS ?= --threads 2 --steps 7 --warmup 2
 
 bench-peers: setup
 	@test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)

@@ -34,8 +34,8 @@ class TrainConfig:
     n_latents: int | None = None       # SAE width; default expansion_factor * d_in
     expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
     k: int = 32                        # active latents per row (topk, batchtopk)
-    off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk)
-    l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk)
+    off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo
+    l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo
     decoder_norm_l1: float = 0.0       # l1 weighted by decoder norms (all; usual for relu)
     l0: float = 0.0                    # L0 with straight-through gradient (jumprelu)
     auxk: float = 1 / 32               # AuxK coefficient (topk, batchtopk); 0 disables
