@@ -37,8 +37,9 @@ def _run(args) -> int:
     rc = suite.main(rest, prog="sparse-sae bench")
     if rc or not report:
         return rc
-    out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else BENCH_DIR / "results"
-    device = rest[rest.index("--device") + 1].split(":")[0] if "--device" in rest else "cpu"
+    opts = suite.build_parser().parse_args(rest)  # the suite's own reading of --out and --device
+    out = Path(opts.out)
+    device = str(opts.device).split(":")[0]
     return _load("report").main([str(out / f"suite_{device}.json")])
 
 
