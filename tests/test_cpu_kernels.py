@@ -8,7 +8,7 @@ import torch
 import sparse_sae as S
 from sparse_sae import reference as R
 from sparse_sae.backends import _C
-from conftest import assert_grads_close, rand
+from conftest import assert_module_backend_matches_reference, rand
 
 pytestmark = pytest.mark.skipif(_C is None, reason="extension not built")
 DTYPES = [torch.float32, torch.float64]
@@ -196,23 +196,8 @@ def test_module_cpu_backend_equals_reference_backend(gen, monkeypatch, dtype, ma
             p.copy_(rand(gen, *p.shape, dtype=dtype) * 0.3)
         sae.tokens_since_fired.copy_(torch.arange(131) % 2)
     x = rand(gen, 45, 29, dtype=dtype)
-    outs = []
-    for backend in ("reference", "cpu"):
-        monkeypatch.setenv("SPARSE_SAE_BACKEND", backend)
-        state = {k: v.clone() for k, v in sae.state_dict().items()}
-        out = sae(x)
-        sae.zero_grad()
-        out.loss.backward()
-        outs.append((out, [p.grad.clone() for p in sae.parameters()]))
-        sae.load_state_dict(state)
-    (ref, ref_grads), (cpu, cpu_grads) = outs
     tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(cpu.loss, ref.loss, **tol)
-    for key in ref.losses:
-        torch.testing.assert_close(cpu.losses[key], ref.losses[key], **tol)
-    torch.testing.assert_close(cpu.recon, ref.recon, **tol)
-    assert torch.equal(cpu.indices, ref.indices)
-    assert_grads_close(cpu_grads, ref_grads, **tol)
+    assert_module_backend_matches_reference(sae, x, "cpu", monkeypatch, **tol)
 
 
 # ----------------------------------------------------------------------------- host-side logic

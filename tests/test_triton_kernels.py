@@ -16,7 +16,7 @@ import torch
 
 import sparse_sae as S
 from sparse_sae import reference as R
-from conftest import rand, assert_grads_close
+from conftest import assert_module_backend_matches_reference, rand
 
 triton = pytest.importorskip("triton")
 
@@ -177,31 +177,13 @@ def test_sparse_decode(gen, dtype, B, F, D, k):
     lambda: S.BatchTopKSAE(29, 131, 4, [S.OffSupportL1(0.3), S.DecoderNormL1(0.1)]),
 ])
 def test_module_triton_backend_equals_reference_backend(gen, monkeypatch, make):
-    from sparse_sae.backends import backend_for
     sae = make().to(DEVICE)
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(rand(gen, *p.shape, dtype=torch.float32) * 0.3)
         sae.tokens_since_fired.copy_(torch.arange(sae.tokens_since_fired.numel()) % 2)
     x = rand(gen, 45, 29, dtype=torch.float32).to(DEVICE)
-    outs = []
-    for backend in ("reference", "triton"):
-        monkeypatch.setenv("SPARSE_SAE_BACKEND", backend)
-        assert backend_for("penalty_backward", torch.device(DEVICE)) == backend
-        state = {k: v.clone() for k, v in sae.state_dict().items()}
-        out = sae(x)
-        sae.zero_grad()
-        out.loss.backward()
-        outs.append((out, [p.grad.clone() for p in sae.parameters()]))
-        sae.load_state_dict(state)
-    (ref, ref_grads), (tri, tri_grads) = outs
-    tol = dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tri.loss, ref.loss, **tol)
-    for key in ref.losses:
-        torch.testing.assert_close(tri.losses[key], ref.losses[key], **tol)
-    torch.testing.assert_close(tri.recon, ref.recon, **tol)
-    assert torch.equal(tri.indices, ref.indices)
-    assert_grads_close(tri_grads, ref_grads, **tol)
+    assert_module_backend_matches_reference(sae, x, "triton", monkeypatch, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- sm_90 compile
