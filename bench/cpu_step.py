@@ -176,9 +176,9 @@ def main(argv=None) -> int:
         init_sae = S.TopKSAE(shape[1], shape[2], shape[3], check_inputs=False)
         x0 = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1))
         states = [("init", None, positive_active_density(init_sae, x0))]
-        for shift in args.b_enc_shift:
-            weights = {n: getattr(init_sae, n).detach().clone() for n in PARAMS}
-            weights["b_enc"] -= shift
+        init_weights = {n: getattr(init_sae, n).detach().clone() for n in PARAMS}
+        for shift in args.b_enc_shift:  # each shift from the initialisation, not from the previous shift
+            weights = {**init_weights, "b_enc": init_weights["b_enc"] - shift}
             with torch.no_grad():
                 init_sae.b_enc.copy_(weights["b_enc"])
             states.append((f"init, b_enc - {shift:g}", (weights, x0), positive_active_density(init_sae, x0)))
