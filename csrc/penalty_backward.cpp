@@ -96,6 +96,36 @@ void sparse_penalty(const T* hp, const bool* mask, const std::vector<T>& alpha, 
     for (int64_t e = rstart[i]; e < rstart[i + 1]; ++e) vec::axpy(dxp + i * D, val[e], wp + col[e] * D, D);
 }
 
+// One block of rows of G (nb x Fa) into the gradients: dW_A += Gb^T xt_b, db_A += colsum(Gb),
+// dx_b += Gb W_A. The outputs are cut into fixed chunks (latents for dW_A and db_A, rows for
+// dx_b) and each chunk is one single-threaded GEMM inside our own parallel loop: a
+// multi-threaded BLAS call splits its sums by the thread count on some CPUs (seen on AMD
+// EPYC), and these chunks make every sum the same for any thread count.
+template <typename T>
+void dense_block_gemms(const torch::Tensor& Gb, const torch::Tensor& xt_b, const torch::Tensor& W_A,
+                       torch::Tensor& dW_A, torch::Tensor& db_A, const torch::Tensor& dx_b) {
+  constexpr int64_t kLatents = 128, kRows = 64;
+  const int64_t nb = Gb.size(0), Fa = Gb.size(1);
+  const int64_t n_lat = (Fa + kLatents - 1) / kLatents;
+  const int64_t n_row = dx_b.defined() ? (nb + kRows - 1) / kRows : 0;
+  const T* gp = Gb.data_ptr<T>();
+  T* dbp = db_A.data_ptr<T>();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < n_lat + n_row; ++t) {
+    if (t < n_lat) {
+      const int64_t c0 = t * kLatents, nc = std::min(kLatents, Fa - c0);
+      auto Gc = Gb.narrow(1, c0, nc);
+      dW_A.narrow(0, c0, nc).addmm_(Gc.t(), xt_b);
+      for (int64_t r = 0; r < nb; ++r)  // rows in order: a fixed sum
+        for (int64_t c = c0; c < c0 + nc; ++c) dbp[c] += gp[r * Fa + c];
+    } else {
+      const int64_t r0 = (t - n_lat) * kRows, nr = std::min(kRows, nb - r0);
+      auto dx_r = dx_b.narrow(0, r0, nr);
+      dx_r.addmm_(Gb.narrow(0, r0, nr), W_A);
+    }
+  }
+}
+
 template <typename T>
 void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int64_t* sp_idx, const T* sp_g,
                  int64_t B, int64_t m, int64_t F, const std::vector<int64_t>& pos, torch::Tensor& dW,
@@ -117,6 +147,25 @@ void sparse_part(const torch::Tensor& xt, const torch::Tensor& W_enc, const int6
       vec::axpy(out, sp_g[e], wp + sp_idx[e] * D, D);
     }
   }
+}
+
+// The encoder's part of db_dec, -db @ W_enc, with each output summed over latents in order
+// (parallel over fixed chunks of D): the same bits for any thread count, as torch::mv is not.
+template <typename T>
+torch::Tensor minus_db_times_W(const torch::Tensor& db, const torch::Tensor& W_enc) {
+  constexpr int64_t kCols = 64;
+  const int64_t F = W_enc.size(0), D = W_enc.size(1);
+  auto out = torch::zeros({D}, W_enc.options());
+  const T* dbp = db.data_ptr<T>();
+  const T* wp = W_enc.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t d0 = 0; d0 < D; d0 += kCols) {
+    const int64_t n = std::min(kCols, D - d0);
+    for (int64_t j = 0; j < F; ++j)
+      if (dbp[j] != T(0)) vec::axpy(op + d0, -dbp[j], wp + j * D + d0, n);
+  }
+  return out;
 }
 
 template <typename T>
@@ -204,9 +253,8 @@ std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const t
             if (p >= 0) gr[p] += sp_g[e];
           }
         }
-        dW_A.addmm_(Gb.t(), xt.narrow(0, r0, nb));
-        db_A.add_(Gb.sum(0));
-        if (need_dx) dx.narrow(0, r0, nb).addmm_(Gb, W_A);
+        dense_block_gemms<T>(Gb, xt.narrow(0, r0, nb), W_A, dW_A, db_A,
+                             need_dx ? dx.narrow(0, r0, nb) : torch::Tensor());
       }
       if (!all) {
         dW.index_copy_(0, cols_t, dW_A);
@@ -215,8 +263,7 @@ std::vector<torch::Tensor> penalty_backward_impl(const torch::Tensor& x, const t
     }
   }
   sparse_part<T>(xt, W_enc, sp_idx, sp_g, B, m, F, pos, dW, db, dx);
-  auto db_dec = -torch::mv(W_enc.t(), db);
-  return {dW, db, db_dec, dx};
+  return {dW, db, minus_db_times_W<T>(db, W_enc), dx};
 }
 
 }  // namespace

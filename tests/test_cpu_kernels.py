@@ -169,6 +169,8 @@ def test_same_bits_for_any_thread_count(gen):
             results.append([*_C.sparse_decode_backward_cpu(grad, values, indices, W_dec),
                             *_C.penalty_backward_cpu(*pb, None, None, 1e-6, True),
                             *_C.penalty_backward_cpu(*pb, *coefs, 1e-6, True),
+                            *_C.penalty_backward_cpu(*pb, coefs[0], None, 1e-6, True),
+                            *_C.penalty_backward_cpu(*pb, None, coefs[1], 1e-6, True),
                             *_C.penalty_backward_cpu(*pb_sparse, *coefs, 1e-6, True),
                             *_C.select_cpu(h, k, "topk", 0, None, None, 0),
                             *_C.select_cpu(h, k, "batchtopk", 0, None, None, 0)])
@@ -177,6 +179,33 @@ def test_same_bits_for_any_thread_count(gen):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# The dense penalty path cuts B into blocks of about 2M entries of G (511 rows at 4099 batch-
+# active columns) and each block's outputs into fixed chunks of latents and rows: here B is not
+# a multiple of the block, and neither count of columns nor rows of a block fills its last chunk.
+@pytest.mark.parametrize("coefs", [(0.1, None), (None, 0.05), (0.1, 0.05)])
+def test_dense_penalty_path_same_bits_for_any_thread_count(gen, coefs):
+    B, D, F, k = 1100, 67, 4099, 5
+    pb = _pb_inputs(gen, B, D, F, k, torch.float32, n_aux=2)
+    assert _positive_active_density(pb[3], pb[4]) > 0.05  # the dense path
+    c = [None if v is None else torch.tensor(v / B) for v in coefs]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_C.penalty_backward_cpu(*pb, *c, 1e-6, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    # against float64 (sums of 1100 float32 terms differ from any float32 order by ~1e-5)
+    want = R.penalty_backward_ref(*(t.double() if t.is_floating_point() else t for t in pb),
+                                  *(None if v is None else v.double() for v in c), 1e-6, True)
+    for g, w in zip(results[0], want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
