@@ -27,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("max_select") = sparse_sae::kMaxSelect;
+  m.def("select_capacity", [](int64_t n) { return sparse_sae::select_capacity(n); },
+        "Candidate-buffer size of the CUDA selection for n entries of a row");
   m.def("sparse_decode_cpu", &sparse_sae::sparse_decode_cpu, "recon = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]",
         py::arg("values"), py::arg("indices"), py::arg("W_dec"), py::arg("b_dec"));
   m.def("sparse_decode_backward_cpu", &sparse_sae::sparse_decode_backward_cpu,

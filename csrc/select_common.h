@@ -13,6 +13,20 @@
 
 namespace sparse_sae {
 
+// Most entries the CUDA selection keeps in one row's shared-memory candidate buffer (k, k_aux,
+// or a packed width): 8192 x 8 bytes = 64 KiB, within Ampere's and Hopper's shared memory.
+// Read by Python as sparse_sae._C.max_select (in every build, CPU-only included).
+constexpr int kMaxSelect = 8192;
+
+// Candidate-buffer size for `n` selected entries of a row: the smallest power of two >= n
+// (the bitonic sort works on powers of two), at least 1, at most kMaxSelect. A kernel launch
+// sizes its dynamic shared memory by it, so k = 32 does not pay for 8192 slots.
+SAE_HD int select_capacity(int64_t n) {
+  int cap = 1;
+  while (cap < n && cap < kMaxSelect) cap <<= 1;
+  return cap;
+}
+
 // ---------------------------------------------------------------------------------------
 // Order-preserving keys: for finite a, b: a < b  <=>  key(a) < key(b). -0.0 maps to +0.0's
 // key, so equal values always have equal keys and the tie rule sees them as ties.

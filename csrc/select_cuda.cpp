@@ -26,6 +26,8 @@ static SelectDtype select_dtype(const torch::Tensor& h) {
     TORCH_CHECK(err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(err_));   \
   } while (0)
 
+// Returns select_cpu's nine outputs, or none when the exact packed width (width <= 0) would
+// exceed kMaxSelect entries in some row.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
                                        const std::optional<torch::Tensor>& dead, int64_t k_aux) {
@@ -72,11 +74,13 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
     SAE_CUDA_OK(select_cuda_launch(a, stream));
     if (width <= 0) {  // the exact width needs the counts on the host: one synchronisation
       const int64_t most = count.max().item<int64_t>();
-      TORCH_CHECK(most <= kMaxSelect, "select_cuda: a row selects ", most, " entries, above the kernel's ",
-                  kMaxSelect);
+      // A row wider than the candidate buffer cannot be packed whole: the empty result tells
+      // the caller (sparse_sae/ops/select.py) to use the reference for this call.
+      if (most > kMaxSelect) return {};
       width = std::max<int64_t>(most, 1);
     }
     width = std::min(width, F);
+    TORCH_CHECK(width <= kMaxSelect, "select_cuda: width must be at most ", kMaxSelect);
     a.width = width;
     a.phase = SelectPhase::kPack;
   }
@@ -85,7 +89,7 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
   a.values = values.data_ptr();
   a.indices = indices.data_ptr<int64_t>();
   a.out_width = width;
-  torch::Tensor aux_values, aux_indices;
+  torch::Tensor aux_values, aux_indices, any_dead;
   if (dead.has_value() && k_aux > 0) {
     TORCH_CHECK(dead->scalar_type() == torch::kBool && dead->numel() == F && dead->is_cuda(),
                 "dead must be F bools on h's device");
@@ -97,6 +101,8 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
     a.k_aux = k_aux;
     a.aux_values = aux_values.data_ptr();
     a.aux_indices = aux_indices.data_ptr<int64_t>();
+    any_dead = torch::zeros({1}, opts.dtype(torch::kInt32));
+    a.any_dead = reinterpret_cast<unsigned int*>(any_dead.data_ptr<int32_t>());
   } else {
     aux_values = torch::zeros({B, 0}, opts);
     aux_indices = torch::zeros({B, 0}, i64);

@@ -51,6 +51,12 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def fallback_warning(op: str, reason: str) -> None:
+    """Warns once per op and reason that a fast kernel handed this call to the reference."""
+    _warn_once(f"fallback:{op}:{reason}", f"sparse_sae: {op} runs on the reference backend for this input: "
+                                          f"{reason}")
+
+
 def forced_backend() -> str | None:
     """The backend named by ``SPARSE_SAE_BACKEND``, or None."""
     name = os.environ.get("SPARSE_SAE_BACKEND", "").strip().lower()
@@ -125,6 +131,9 @@ def show_build(file=None) -> None:
     forced = forced_backend()
     if forced:
         line(f"SPARSE_SAE_BACKEND={forced}")
+    if _C is not None and _C.with_cuda:
+        line(f"limits: the CUDA select keeps at most {_C.max_select} entries per row (k, k_aux, packed width); "
+             "beyond that, and for float64 or dx in the Triton kernels, an op runs on the reference (warned once)")
     line(f"{'op':<24}{'cpu tensors':<14}{'cuda tensors':<14}implementations")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

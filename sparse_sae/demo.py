@@ -31,7 +31,7 @@ def evaluate(sae, x, k: int) -> dict:
     """FVU and L0 of ``sae`` on ``x``, and FVU when run at inference k/2 and 2k."""
     sae.eval()
     out = sae(x)
-    row = {"fvu": float(reference.fvu_ref(x, out.recon)), "l0": float((out.values > 0).sum(1).float().mean())}
+    row = {"fvu": float(reference.fvu_ref(x, out.recon)), "l0": float(out.l0())}
     for name, kk in (("fvu_k/2", max(1, k // 2)), ("fvu_2k", min(sae.n_latents, 2 * k))):
         k0, sae.k = sae.k, kk
         try:

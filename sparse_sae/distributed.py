@@ -39,8 +39,13 @@ def launched_with_torchrun() -> bool:
 
 
 def init(device: torch.device) -> Context:
-    """Joins the process group that ``torchrun`` set up (NCCL for CUDA, gloo otherwise); a single
-    process gets a trivial context."""
+    """Makes ``device`` this process's current CUDA device, then joins the process group that
+    ``torchrun`` set up (NCCL for CUDA, gloo otherwise); a single process gets a trivial context.
+
+    The current device matters: Triton (and NCCL) launch on it, whatever device the tensors
+    are on, so without it every rank would launch its kernels on GPU 0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if not launched_with_torchrun():

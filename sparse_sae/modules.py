@@ -53,6 +53,14 @@ class SAEOutput:
             self._pack()
         return self._indices
 
+    def l0(self) -> torch.Tensor:
+        """Mean number of active latents per row (0-d float32), from the dense code when the
+        architecture has one: it never packs a dense code (which on a GPU at initialisation,
+        about half of F per row, would leave the kernels)."""
+        with torch.no_grad():
+            code = self._code if self._code is not None else self._values
+            return (code > 0).sum(1).float().mean()
+
     def dense_code(self):
         """The ``B x F`` code."""
         if self._code is None:

@@ -222,7 +222,7 @@ class Trainer:
         out, sae = result["out"], self.sae
         rec = {"step": self.step, "loss": float(result["loss"].detach()),
                "fvu": float(out.losses["recon"].detach()),
-               "l0": float((out.values > 0).sum(1).float().mean()),
+               "l0": float(out.l0()),
                "dead": float(sae.dead_mask(self.cfg.dead_after_tokens).float().mean()),
                "lr": self.optimizer.param_groups[0]["lr"], "rows_per_s": rows_per_s}
         for name, value in out.losses.items():

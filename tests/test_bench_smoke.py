@@ -4,6 +4,7 @@ reason. Checks what the suite reports, never how fast anything ran."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,13 @@ def test_cli_bench_runs_the_checkout_suite(tmp_path, capsys):
                  "--warmup", "0", "--no-memory", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "suite_cpu.json").read_text())["rows"]
     assert [(r["impl"], r["variant"]) for r in rows] == [("ours", "topk"), ("dense", "topk")]
+
+
+def test_gpu_check_scripts_parse():
+    """The prepared GPU call (bench/gpu_check.sh) and its sanitizer script, which run only on a GPU
+    machine: the shell script parses and the Python script answers --help."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    assert subprocess.run(["bash", "-n", str(bench / "gpu_check.sh")]).returncode == 0
+    res = subprocess.run([sys.executable, str(bench / "sanitize_kernels.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "compute-sanitizer" in res.stdout, res.stderr

@@ -84,3 +84,79 @@ def test_group_by_latent_cuda_matches_reference(gen):
     want = group_by_latent_ref(idx, 1003)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
+
+
+def test_group_by_latent_leaves_out_entries_not_kept(gen):
+    """Entries with keep=False join no group: they sort after the last latent, past start[F]."""
+    idx = torch.randint(0, 16, (9, 5), generator=gen)   # F = 16: the left-out id 16 needs one more bit
+    keep = torch.rand(9, 5, generator=gen) < 0.6
+    start, entries = group_by_latent(idx, 16, keep=keep)
+    flat, kept = idx.reshape(-1), keep.reshape(-1)
+    assert start.shape == (17,) and start[-1] == int(kept.sum())
+    for lat in range(16):
+        group = entries[start[lat]:start[lat + 1]]
+        assert torch.equal(group, torch.nonzero(kept & (flat == lat)).reshape(-1))
+    assert not bool(kept[entries[start[-1]:]].any())
+
+
+@gpu
+def test_group_by_latent_cuda_leaves_out_entries_not_kept(gen):
+    idx = torch.randint(0, 1024, (300, 9), generator=gen)
+    keep = torch.rand(300, 9, generator=gen) < 0.5
+    (start, entries), (want_start, want_entries) = group_by_latent(idx.cuda(), 1024, keep=keep.cuda()), \
+        group_by_latent(idx, 1024, keep=keep)
+    n = int(want_start[-1])   # past it, the left-out entries in any order
+    assert torch.equal(start.cpu(), want_start) and torch.equal(entries.cpu()[:n], want_entries[:n])
+
+
+def _outlier_batch(gen, B, F, dtype, hot_rows=(1,)):
+    """h whose rows in ``hot_rows`` are large everywhere: they take most of a BatchTopK budget, and
+    hold more positive entries than the kernel's candidate buffer."""
+    h = torch.relu(rand(gen, B, F, dtype=torch.float32) - 1.0)
+    for r in hot_rows:
+        h[r] = torch.rand(F, generator=gen) + 3.0
+    return ((h * 64).round() / 64).to(dtype)   # ties too
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_cuda_rows_above_the_buffer_are_exact(gen, dtype):
+    """A row selecting more than max_select entries: BatchTopK and threshold packing at a fixed
+    width keep that row's `width` largest (as the reference), not the first ones found."""
+    F = _C.max_select + 1500
+    h = _outlier_batch(gen, 6, F, dtype).cuda()
+    _check_select(h, _C.max_select // 2, "batchtopk", 64)
+    thr = (torch.rand(F, generator=gen) * 0.5).to(dtype).cuda()
+    _check_select(h, 0, "threshold", 64, thr)
+
+
+@gpu
+def test_select_cuda_exact_width_above_the_buffer_falls_back_with_a_warning(gen):
+    from sparse_sae.ops.select import select
+    F = _C.max_select + 700
+    h = _outlier_batch(gen, 4, F, torch.float32).cuda()
+    assert _C.select_cuda(h, 0, "threshold", 0, torch.zeros(F, device="cuda"), None, 0) == []
+    with pytest.warns(RuntimeWarning, match="more than"):
+        got = select(h, mode="threshold", threshold=torch.zeros(F, device="cuda"))
+    want = _select_reference(h.cpu(), 0, "threshold", 0, torch.zeros(F), None, 0)
+    assert torch.equal(got.indices.cpu(), want[1]) and torch.equal(got.values.cpu(), want[0])
+
+
+@gpu
+def test_select_cuda_auxk_with_nothing_dead_matches_the_reference(gen):
+    h = torch.relu(rand(gen, 9, 501, dtype=torch.float32)).cuda()
+    _check_select(h, 7, dead=torch.zeros(501, dtype=torch.bool, device="cuda"), k_aux=13)
+
+
+@gpu
+def test_select_cuda_large_k_aux_keeps_the_main_selection_on_the_kernel(gen):
+    from sparse_sae.ops.select import select
+    F = _C.max_select + 300
+    h = torch.relu(rand(gen, 3, F, dtype=torch.float32)).cuda()
+    dead = (torch.rand(F, generator=gen) < 0.5).cuda()
+    with pytest.warns(RuntimeWarning, match="AuxK candidates use the reference"):
+        got = select(h, 16, dead=dead, k_aux=_C.max_select + 1)
+    want = _select_reference(h.cpu(), 16, "topk", 0, None, dead.cpu(), _C.max_select + 1)
+    for name, g, w in zip(FIELDS, got, want):
+        if name not in ("n1", "n2"):
+            assert torch.equal(g.cpu(), w.to(g.dtype)), name

@@ -147,6 +147,47 @@ def test_penalty_backward(gen, monkeypatch, dtype, shape, terms, sparse_steps):
         assert torch.count_nonzero(got[0][64:128]) == 0
 
 
+@kernels
+@pytest.mark.parametrize("sparse_steps", [True, False])
+def test_penalty_backward_fp16_small_coefficients(gen, monkeypatch, sparse_steps):
+    """A real run's coef / B (1e-6 to 1e-8) and sparse gradients of the same size are subnormal
+    or zero in fp16: the kernel scales each G tile by a power of two before rounding it. Against
+    float64; G rounded to fp16 unscaled is off by several percent here."""
+    B, F, D, k = 67, 200, 70, 5
+    from sparse_sae.ops.triton_backend import penalty_backward_triton
+    from sparse_sae.triton_kernels import penalty_backward as kernel
+    monkeypatch.setattr(kernel, "sparse_steps_pay", lambda *a: sparse_steps)
+    x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, torch.float16, slice(64, 128))
+    sp_grad = sp_grad * 2e-7
+    coef_off, coef_ratio = torch.tensor(3e-8, device=DEVICE), torch.tensor(-4e-7, device=DEVICE)
+    got = penalty_backward_triton(x, W, b_dec, h, active, n1, n2, idx, sp_grad, coef_off, coef_ratio, 1e-6, False)
+    want = R.penalty_backward_ref(*(t.double() for t in (x, W, b_dec, h)), active, n1.double(), n2.double(), idx,
+                                  sp_grad.double(), coef_off.double(), coef_ratio.double(), 1e-6, False)
+    for name, g, w in zip(("dW_enc", "db_enc"), got, want):
+        # the fp16 output itself is subnormal here: its rounding (2^-24) is the floor
+        err = (g.double() - w).abs().max().item()
+        assert err <= 1e-2 * w.abs().max().item() + 2.0 ** -24, (name, err, w.abs().max().item())
+
+
+def test_fp16_gradient_scale_bounds_every_entry(gen):
+    """The scale keeps the largest possible |G| entry within fp16 and puts it near 2^12; rows with
+    n2 = 0 (no active entry) carry no penalty gradient and do not shrink the scale."""
+    from sparse_sae.triton_kernels.penalty_backward import FP16_G_TARGET, fp16_gradient_scale
+    B, F = 33, 90
+    h = torch.relu(rand(gen, B, F, dtype=torch.float64))
+    h[0] = 0
+    active = torch.rand(F, generator=gen) < 0.7
+    n1, n2 = R.active_row_norms_ref(h, active)
+    c_off, c_ratio = torch.tensor([2e-7]), torch.tensor([-5e-6])
+    sp_grad = rand(gen, B, 4, dtype=torch.float32) * 1e-7
+    s = fp16_gradient_scale(n1.float(), n2.float(), c_off, c_ratio, 1e-6, sp_grad)
+    assert s.dtype == torch.float32 and s.shape == (1,)
+    assert float(torch.log2(s)) == int(torch.log2(s))   # a power of two: scaling is exact
+    G = R.penalty_grad_ref(h, active, n1, n2, c_off.double(), c_ratio.double(), 1e-6)
+    biggest = max(G.abs().max().item(), sp_grad.abs().max().item())
+    assert FP16_G_TARGET / 2 < s.item() * biggest * 4 and s.item() * biggest <= FP16_G_TARGET
+
+
 # ----------------------------------------------------------------------------- sparse decode
 @kernels
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -154,6 +195,7 @@ def test_penalty_backward(gen, monkeypatch, dtype, shape, terms, sparse_steps):
 def test_sparse_decode(gen, dtype, B, F, D, k):
     from sparse_sae.ops.triton_backend import sparse_decode_backward_triton, sparse_decode_triton
     values = rand(gen, B, k).abs()
+    values[::3, k // 2] = 0   # zero entries (padding, AuxK with nothing dead) read no decoder row
     indices = torch.randint(0, F, (B, k), generator=gen)
     indices[:, 0] = indices[:, -1]   # a repeated latent in a row sums
     W, b, grad = rand(gen, F, D) / D ** 0.5, rand(gen, D), rand(gen, B, D)
@@ -216,17 +258,20 @@ def test_encode_compiles_with_tensor_core_instructions(cc, instruction):
 
 
 @pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
-@pytest.mark.parametrize("has_off,config,sparse_steps", [(True, 0, False), (False, 3, True)])
-def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, config, sparse_steps):
+@pytest.mark.parametrize("has_off,config,sparse_steps,dtype", [(True, 0, False, "bf16"), (False, 3, True, "bf16"),
+                                                                (True, 0, False, "fp16")])
+def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, config, sparse_steps, dtype):
+    """fp16 scales its G tiles (SCALE_G) and must stay on wgmma, pipelined, too."""
     from sparse_sae.triton_kernels.penalty_backward import hopper_configs as pen_configs
     from sparse_sae.triton_kernels.penalty_backward import penalty_grad_gemm_kernel
     pen = pen_configs()[config]
-    types = {"h_ptr": "*bf16", "xc_ptr": "*bf16", "active_ptr": "*u8", "n1_ptr": "*fp32", "n2_ptr": "*fp32",
-             "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "start_ptr": "*i64", "entry_ptr": "*i64",
-             "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": "*bf16", "db_ptr": "*bf16", "ratio_eps": "fp32"}
+    types = {"h_ptr": f"*{dtype}", "xc_ptr": f"*{dtype}", "active_ptr": "*u8", "n1_ptr": "*fp32", "n2_ptr": "*fp32",
+             "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "g_scale_ptr": "*fp32", "start_ptr": "*i64", "entry_ptr": "*i64",
+             "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": f"*{dtype}", "db_ptr": f"*{dtype}",
+             "ratio_eps": "fp32"}
     types.update({n: "i32" for n in ("B", "F", "D", "WIDTH", "stride_h", "stride_xc", "stride_dw")})
     consts = dict(pen.kwargs, HAS_OFF=has_off, HAS_RATIO=True, PRECISION="ieee", UPCAST=False,
-                  SPARSE_STEPS=sparse_steps)
+                  SPARSE_STEPS=sparse_steps, SCALE_G=dtype == "fp16")
     k = _compile_for(penalty_grad_gemm_kernel, types, consts, pen.num_warps, pen.num_stages)
     assert "wgmma.mma_async" in k.asm["ptx"] and k.asm["cubin"]
     if not pen.kwargs["SKIP_EMPTY"]:

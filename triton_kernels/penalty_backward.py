@@ -4,8 +4,9 @@
 The GEMM's prologue rebuilds each ``G_pen`` tile from ``h``, the batch-active set and the row
 norms (DESIGN.md 2, with the exact ``eps`` derivative of docs/design-notes.md):
 ``G_ij = [h_ij > 0][j in A] (coef_off + coef_ratio (1/(n2_i + eps) - n1_i h_ij / (n2_i (n2_i + eps)^2)))``.
-The tile is rounded to the weights' dtype (as the reference rounds ``G``) and multiplied on
-tensor cores with fp32 accumulation. Column blocks with no batch-active latent are written as
+The tile is rounded to the weights' dtype and multiplied on tensor cores with fp32
+accumulation; in fp16 it is first scaled by a power of two (``fp16_gradient_scale``), since
+``coef / B`` is subnormal or zero there, and the accumulator unscaled at the end. Column blocks with no batch-active latent are written as
 zeros without reading ``h``; with ``SKIP_EMPTY`` a tile with no positive active entry skips its
 product. The sparse part (``sp_grad`` at ``(i, sp_indices[i, j])``, grouped by latent) joins the
 same accumulator: when a latent block holds few entries, as extra K steps whose ``G`` tile is
@@ -52,7 +53,7 @@ INTERPRETER_CONFIG = dict(BF=64, BD=64, BB=64, SKIP_EMPTY=True)
 @triton.jit
 def penalty_grad_gemm_kernel(
     # pointers: inputs (active is the F bool mask viewed as uint8; coef_* are 1-element fp32)
-    h_ptr, xc_ptr, active_ptr, n1_ptr, n2_ptr, coef_off_ptr, coef_ratio_ptr,
+    h_ptr, xc_ptr, active_ptr, n1_ptr, n2_ptr, coef_off_ptr, coef_ratio_ptr, g_scale_ptr,
     # pointers: the sparse part grouped by latent (CSC offsets, entry ids, latent ids, fp32 grads)
     start_ptr, entry_ptr, sp_idx_ptr, sp_grad_ptr,
     # pointers: outputs
@@ -63,7 +64,8 @@ def penalty_grad_gemm_kernel(
     stride_h, stride_xc, stride_dw,
     # meta-parameters
     HAS_OFF: tl.constexpr, HAS_RATIO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SPARSE_STEPS: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    SPARSE_STEPS: tl.constexpr, SCALE_G: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
 ):
     # program id -> tile: the D tiles of one latent block run back to back, so each block of
     # h's columns comes from HBM once and from L2 after (x - b_dec is small and stays there)
@@ -79,11 +81,16 @@ def penalty_grad_gemm_kernel(
     act = tl.load(active_ptr + rf, mask=f_ok, other=0) != 0
 
     dw_ptrs = dw_ptr + rf[:, None].to(tl.int64) * stride_dw + rd[None, :]
+    # fp16: G tiles are scaled by a power of two before rounding (coef / B is subnormal or zero in
+    # fp16) and the fp32 accumulator is unscaled at the end; exact apart from the rounding itself
+    g_scale = 1.0
+    if SCALE_G:
+        g_scale = tl.load(g_scale_ptr)
     if SPARSE_STEPS:
         acc = tl.zeros((BF, BD), dtype=tl.float32)
         colsum = tl.zeros((BF,), dtype=tl.float32)
     else:   # start from the sparse part, already in dW and db
-        acc = tl.load(dw_ptrs, mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.load(dw_ptrs, mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * g_scale
         colsum = tl.load(db_ptr + rf, mask=f_ok, other=0.0).to(tl.float32)
     if tl.max(act.to(tl.int32), axis=0) > 0:   # a block with no active latent has G = 0
         c_off = 0.0
@@ -110,6 +117,8 @@ def penalty_grad_gemm_kernel(
                 g += c_ratio * (inv[None, :] - scale[None, :] * hv)
             g = tl.where(live, g, 0.0)
             colsum += tl.sum(g, axis=1)
+            if SCALE_G:
+                g = g * g_scale
             xc = tl.load(xc_ptrs, mask=b_ok[:, None] & d_ok[None, :], other=0.0)
             if SKIP_EMPTY:   # loads stay outside the branch, so the loop is still pipelined
                 if tl.max(live.to(tl.int32)) > 0:
@@ -132,11 +141,15 @@ def penalty_grad_gemm_kernel(
             v = tl.load(sp_grad_ptr + ent, mask=e_ok, other=0.0)
             gs = tl.where(rf[:, None] == lat[None, :], v[None, :], 0.0)                 # BF x BB
             colsum += tl.sum(gs, axis=1)
+            if SCALE_G:
+                gs = gs * g_scale
             xs = tl.load(xc_ptr + (ent // WIDTH)[:, None] * stride_xc + rd[None, :],
                          mask=e_ok[:, None] & d_ok[None, :], other=0.0)
             acc = dot(gs.to(xc_ptr.dtype.element_ty), xs, acc, PRECISION, UPCAST)
 
     # epilogue: dW_enc tile, and db_enc from the first D tile
+    if SCALE_G:
+        acc = acc * (1.0 / g_scale)
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(db_ptr + rf, colsum.to(db_ptr.dtype.element_ty), mask=f_ok)
@@ -157,6 +170,22 @@ def sparse_steps_pay(n_entries: int, B: int, F: int, block_f: int = 128) -> bool
     return n_entries * block_f * 8 <= B * F
 
 
+# Largest |G| entry after scaling: well inside fp16's range (65504), so that the scaled tile
+# neither overflows nor loses the small entries to subnormals.
+FP16_G_TARGET = 2.0 ** 12
+
+
+def fp16_gradient_scale(n1, n2, c_off, c_ratio, ratio_eps, sp_grad):
+    """A power of two ``s`` (1-element fp32 tensor, on the device: no host sync) such that
+    ``s * max|G| ~ FP16_G_TARGET``. ``|G_pen_ij| <= |c_off| + |c_ratio| (1/(n2_i + eps) +
+    n1_i / (n2_i + eps)^2)`` since ``h_ij <= n2_i``; the sparse part is bounded by ``max|sp_grad|``."""
+    inv = torch.where(n2 > 0, 1.0 / (n2 + ratio_eps), torch.zeros_like(n2))   # rows with n2 = 0 get no G_pen
+    pen = c_off.abs() + c_ratio.abs() * (inv + n1 * inv * inv).amax().reshape(1)
+    bound = torch.maximum(pen, sp_grad.abs().amax().reshape(1) if sp_grad.numel() else pen)
+    bound = torch.where(bound > 0, bound, torch.ones_like(bound))
+    return torch.exp2(torch.floor(torch.log2(FP16_G_TARGET / bound))).clamp(2.0 ** -60, 2.0 ** 60)
+
+
 # ------------------------------------------------------------------------------ launcher
 def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor,
                      coef_off: torch.Tensor | None, coef_ratio: torch.Tensor | None, ratio_eps: float,
@@ -171,23 +200,29 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
     xc, h, sp_grad = xc.contiguous(), h.contiguous(), sp_grad.contiguous()
     B, D = xc.shape
     F = h.shape[1]
-    dW = torch.empty(F, D, dtype=xc.dtype, device=xc.device)
     db = torch.empty(F, dtype=xc.dtype, device=xc.device)
     if coef_off is None and coef_ratio is None:   # plain Top-k: the sparse part alone
+        dW = torch.empty(F, D, dtype=xc.dtype, device=xc.device)
         grouped_rows(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
         return dW, db
+    if sparse_steps is None:
+        sparse_steps = sparse_steps_pay(sp_grad.numel(), B, F)
+    scale_g = xc.dtype == torch.float16
+    # without sparse steps the GEMM starts from the sparse part in dW: in fp16 it stays in fp32
+    # there (as fp16 its small entries would be subnormals), and the result is cast once
+    dW = torch.empty(F, D, dtype=torch.float32 if scale_g and not sparse_steps else xc.dtype, device=xc.device)
     f32 = dict(dtype=torch.float32, device=xc.device)
     c_off = coef_off.reshape(1).to(**f32) if coef_off is not None else torch.zeros(1, **f32)
     c_ratio = coef_ratio.reshape(1).to(**f32) if coef_ratio is not None else torch.zeros(1, **f32)
-    args = (h, xc, active.contiguous().view(torch.uint8), n1.to(torch.float32).contiguous(),
-            n2.to(torch.float32).contiguous(), c_off, c_ratio, start, entries, sp_indices.contiguous(),
-            sp_grad.to(torch.float32), dW, db, B, F, D, max(sp_grad.shape[1], 1), float(ratio_eps),
+    n1, n2, sp_grad = n1.to(torch.float32).contiguous(), n2.to(torch.float32).contiguous(), sp_grad.to(torch.float32)
+    g_scale = fp16_gradient_scale(n1, n2, c_off, c_ratio, ratio_eps, sp_grad) if scale_g else c_off
+    args = (h, xc, active.contiguous().view(torch.uint8), n1, n2, c_off, c_ratio, g_scale, start, entries,
+            sp_indices.contiguous(), sp_grad, dW, db, B, F, D, max(sp_grad.shape[1], 1), float(ratio_eps),
             h.stride(0), xc.stride(0), dW.stride(0))
-    if sparse_steps is None:
-        sparse_steps = sparse_steps_pay(sp_grad.numel(), B, F)
     if not sparse_steps:
         grouped_rows(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
     flags = dict(HAS_OFF=coef_off is not None, HAS_RATIO=coef_ratio is not None, SPARSE_STEPS=sparse_steps,
+                 SCALE_G=scale_g,
                  PRECISION=dot_precision(xc.dtype, allow_tf32), UPCAST=upcast_dot(xc.dtype))
     if interpreting():
         c = INTERPRETER_CONFIG
@@ -196,4 +231,4 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
     else:
         grid = lambda META: (triton.cdiv(F, META["BF"]) * triton.cdiv(D, META["BD"]),)  # noqa: E731
         _tuned(arch(xc.device), xc.dtype == torch.float32)[grid](*args, **flags)
-    return dW, db
+    return dW.to(xc.dtype), db

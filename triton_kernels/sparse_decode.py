@@ -44,7 +44,9 @@ def sparse_decode_kernel(
     for j in range(0, K):
         v = tl.load(val_ptr + row_code + j, mask=m_ok, other=0.0).to(tl.float32)
         i = tl.load(idx_ptr + row_code + j, mask=m_ok, other=0)
-        w = tl.load(w_ptr + i[:, None] * stride_w + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # a zero entry (padding, AuxK with nothing dead) reads no decoder row
+        w = tl.load(w_ptr + i[:, None] * stride_w + rd[None, :], mask=(m_ok & (v != 0))[:, None] & d_ok[None, :],
+                    other=0.0)
         acc += v[:, None] * w.to(tl.float32)
     acc += tl.load(b_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_out + rd[None, :], acc.to(out_ptr.dtype.element_ty),

@@ -48,16 +48,31 @@ struct KeyBits {
   static constexpr int value = sizeof(T) * 8;
 };
 
-// Key of entry j of a row; entries outside `mask` (live latents for AuxK) rank last.
-template <typename T>
-__device__ __forceinline__ uint32_t masked_key(const T* row, const bool* mask, int64_t j) {
-  return (mask == nullptr || mask[j]) ? key_of(row[j]) : 0u;
-}
+__device__ void block_sort(uint64_t* cand, int n, int cap);
 
-// Block-wide radix select over one row: returns the key of the k-th ranked entry and, in
-// *ties, how many entries equal to it are selected.
+// Key of entry j of a row for a selection restricted by `mask` (live latents for AuxK): entries
+// outside it rank last (key 0, below every non-NaN value).
 template <typename T>
-__device__ uint32_t row_radix_select(const T* row, const bool* mask, int64_t F, int64_t k, int64_t* ties) {
+struct MaskedKey {
+  const T* row;
+  const bool* mask;
+  __device__ uint32_t operator()(int64_t j) const { return (mask == nullptr || mask[j]) ? key_of(row[j]) : 0u; }
+};
+
+// Key of entry j restricted to entries above their latent's threshold (threshold mode).
+template <typename T>
+struct AboveThresholdKey {
+  const T* row;
+  const T* threshold;
+  __device__ uint32_t operator()(int64_t j) const {
+    return to_float(row[j]) > to_float(threshold[j]) ? key_of(row[j]) : 0u;
+  }
+};
+
+// Block-wide radix select over one row's keys (`key_at(j)`): returns the key of the k-th ranked
+// entry and, in *ties, how many entries equal to it are selected.
+template <typename T, typename KeyAt>
+__device__ uint32_t row_radix_select(KeyAt key_at, int64_t F, int64_t k, int64_t* ties) {
   __shared__ unsigned int hist[kBins];
   __shared__ RadixSelectState<uint32_t> st;
   if (threadIdx.x == 0) {
@@ -71,7 +86,7 @@ __device__ uint32_t row_radix_select(const T* row, const bool* mask, int64_t F, 
     __syncthreads();
     const uint32_t prefix = st.prefix, pmask = st.prefix_mask;
     for (int64_t j = threadIdx.x; j < F; j += blockDim.x) {
-      const uint32_t key = masked_key(row, mask, j);
+      const uint32_t key = key_at(j);
       if ((key & pmask) == prefix) atomicAdd(&hist[radix_digit(key, shift, kRadixBits)], 1u);
     }
     __syncthreads();
@@ -84,10 +99,11 @@ __device__ uint32_t row_radix_select(const T* row, const bool* mask, int64_t F, 
 
 // Collects a row's selected entries as rank sort keys into `cand`: every entry above the cut
 // (`above(j, key)`), `n_above` of them, plus the first `ties` entries with key == cut in index
-// order, placed after them. Only the first `cap` are stored. Returns the number collected.
-template <typename T, typename Pred>
-__device__ int collect(const T* row, const bool* mask, int64_t F, uint32_t cut, int64_t ties, int64_t n_above,
-                       Pred above, uint64_t* cand, int cap) {
+// order, placed after them. The caller guarantees n_above + ties <= cap (it sizes `cap`, or
+// cuts the row by radix select first), so nothing is dropped. Returns the number collected.
+template <typename KeyAt, typename Pred>
+__device__ int collect(KeyAt key_at, int64_t F, uint32_t cut, int64_t ties, int64_t n_above, Pred above,
+                       uint64_t* cand, int cap) {
   using Scan = cub::BlockScan<int, kBlock>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int above_seen, ties_seen;
@@ -98,7 +114,7 @@ __device__ int collect(const T* row, const bool* mask, int64_t F, uint32_t cut, 
     uint32_t key = 0;
     bool is_above = false, is_tie = false;
     if (j < F) {
-      key = masked_key(row, mask, j);
+      key = key_at(j);
       is_above = above(j, key);
       is_tie = !is_above && ties > 0 && key == cut;
     }
@@ -115,6 +131,18 @@ __device__ int collect(const T* row, const bool* mask, int64_t F, uint32_t cut, 
     __syncthreads();
   }
   return static_cast<int>(lesser<int64_t>(n_above + lesser<int64_t>(ties, ties_seen), cap));
+}
+
+// The `k` entries of a row that rank first by `key_at` (value descending, ties to the lower
+// index), sorted, in cand[0, k): radix select, collect, sort. k <= cap.
+template <typename T, typename KeyAt>
+__device__ int select_row(KeyAt key_at, int64_t F, int64_t k, uint64_t* cand, int cap) {
+  int64_t ties;
+  const uint32_t cut = row_radix_select<T>(key_at, F, k, &ties);
+  const int n = collect(key_at, F, cut, ties, k - ties, [cut](int64_t, uint32_t key) { return key > cut; }, cand,
+                        cap);
+  block_sort(cand, n, cap);
+  return n;
 }
 
 // Bitonic sort of cand[0, n) ascending in shared memory (padding with the largest key).
@@ -176,20 +204,34 @@ __device__ void write_row(const T* row, const uint64_t* cand, int n, int64_t wid
 }
 
 // ------------------------------------------------------------------------ Top-k per row
+// `any_dead` (AuxK): when no latent is dead the row's k picks are the reference's all-tied
+// result, value 0 at indices 0..k-1, written without reading h.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) topk_rows_kernel(const T* h, int64_t F, int64_t k, const bool* mask,
-                                                            T* values, int64_t* indices) {
+                                                            const unsigned int* any_dead, T* values,
+                                                            int64_t* indices, int cap) {
   extern __shared__ uint64_t cand[];
   const int64_t i = blockIdx.x;
+  if (any_dead != nullptr && *any_dead == 0u) {
+    for (int64_t r = threadIdx.x; r < k; r += blockDim.x) {
+      values[i * k + r] = zero_of<T>();
+      indices[i * k + r] = r;
+    }
+    return;
+  }
   const T* row = h + i * F;
-  int64_t ties;
-  const uint32_t cut = row_radix_select(row, mask, F, k, &ties);
-  const int cap = kMaxSelect;
-  const int n = collect(row, mask, F, cut, ties, k - ties, [cut](int64_t, uint32_t key) { return key > cut; },
-                        cand, cap);
-  block_sort(cand, n, cap);
+  const int n = select_row<T>(MaskedKey<T>{row, mask}, F, k, cand, cap);
   // k entries always exist, so no padding is needed
   write_row(row, cand, n, k, F, values + i * k, indices + i * k, [](int64_t) { return true; }, mask);
+}
+
+__global__ void any_dead_kernel(const bool* dead, int64_t F, unsigned int* any_dead) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < F;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    if (dead[j]) {
+      atomicOr(any_dead, 1u);
+      return;
+    }
 }
 
 // ------------------------------------------------------------------------ statistics
@@ -303,23 +345,38 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock) pack_rows_kernel(const T* h, int64_t F, const GlobalSelect* gs,
                                                             const int64_t* count, const int64_t* take_eq,
                                                             const T* threshold,
-                                                            int64_t width, T* values, int64_t* indices) {
+                                                            int64_t width, T* values, int64_t* indices, int cap) {
   extern __shared__ uint64_t cand[];
   const int64_t i = blockIdx.x;
   const T* row = h + i * F;
-  const int cap = kMaxSelect;
   int n;
+  if (count[i] > cap) {
+    // More selected entries than the buffer holds (cap >= width): keep the `width` that rank
+    // first, exactly as the reference does, by a radix select within the row's selection.
+    // BatchTopK's selection of a row is a prefix of the row's own ranking (every entry above
+    // the global cut, then the first ties in index order), so its top `width` are the row's;
+    // a threshold selection is not, so entries at or below their threshold are masked out.
+    if (threshold) {
+      n = select_row<T>(AboveThresholdKey<T>{row, threshold}, F, width, cand, cap);
+    } else {
+      n = select_row<T>(MaskedKey<T>{row, nullptr}, F, width, cand, cap);
+    }
+    write_row(row, cand, n, width, F, values + i * width, indices + i * width, [](int64_t) { return true; },
+              nullptr);
+    return;
+  }
+  const MaskedKey<T> key_at{row, nullptr};
   if (threshold) {
     auto above = [row, threshold](int64_t j, uint32_t) { return to_float(row[j]) > to_float(threshold[j]); };
-    n = collect(row, nullptr, F, 0u, 0, count[i], above, cand, cap);
+    n = collect(key_at, F, 0u, 0, count[i], above, cand, cap);
     block_sort(cand, n, cap);
     write_row(row, cand, n, width, F, values + i * width, indices + i * width,
               [row, threshold](int64_t j) { return to_float(row[j]) > to_float(threshold[j]); }, nullptr);
   } else {
     const uint32_t cut = gs->st.prefix;
     const int64_t ties = take_eq[i];
-    n = collect(row, nullptr, F, cut, ties, count[i] - ties, [cut](int64_t, uint32_t key) { return key > cut; },
-                cand, cap);
+    n = collect(key_at, F, cut, ties, count[i] - ties, [cut](int64_t, uint32_t key) { return key > cut; }, cand,
+                cap);
     block_sort(cand, n, cap);
     // membership for the padding scan: above the cut, or a tie among the selected ones
     const uint64_t* sel = cand;
@@ -343,7 +400,6 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
   T* values = static_cast<T*>(a.values);
   const T* thr = a.mode == SelectMode::kThreshold ? static_cast<const T*>(a.threshold) : nullptr;
   GlobalSelect* gs = a.mode == SelectMode::kBatchTopK ? static_cast<GlobalSelect*>(a.workspace) : nullptr;
-  const size_t smem = kMaxSelect * sizeof(uint64_t);
   if (a.mode != SelectMode::kTopK && a.phase == SelectPhase::kCount) {
     if (gs) {
       unsigned long long* hist = reinterpret_cast<unsigned long long*>(gs + 1);
@@ -360,15 +416,20 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
     if (gs) assign_ties_kernel<<<1, 1, 0, stream>>>(gs, a.B, a.count, a.take_eq, a.count_eq);
     return cudaGetLastError();
   }
+  const int cap = select_capacity(a.mode == SelectMode::kTopK ? a.k : a.width);
+  const size_t smem = cap * sizeof(uint64_t);
   if (a.mode == SelectMode::kTopK) {
-    topk_rows_kernel<T><<<a.B, kBlock, smem, stream>>>(h, a.F, a.k, nullptr, values, a.indices);
+    topk_rows_kernel<T><<<a.B, kBlock, smem, stream>>>(h, a.F, a.k, nullptr, nullptr, values, a.indices, cap);
   } else {
     pack_rows_kernel<T><<<a.B, kBlock, smem, stream>>>(h, a.F, gs, a.count, a.take_eq, thr, a.width, values,
-                                                       a.indices);
+                                                       a.indices, cap);
   }
-  if (a.aux_values != nullptr && a.k_aux > 0) {
-    topk_rows_kernel<T><<<a.B, kBlock, smem, stream>>>(h, a.F, a.k_aux, a.dead, static_cast<T*>(a.aux_values),
-                                                       a.aux_indices);
+  if (a.aux_values != nullptr && a.k_aux > 0) {  // AuxK: its own selection, skipped when nothing is dead
+    const int cap_aux = select_capacity(a.k_aux);
+    const int grid = static_cast<int>(lesser<int64_t>((a.F + 255) / 256, 1024));
+    any_dead_kernel<<<grid, 256, 0, stream>>>(a.dead, a.F, a.any_dead);
+    topk_rows_kernel<T><<<a.B, kBlock, cap_aux * sizeof(uint64_t), stream>>>(
+        h, a.F, a.k_aux, a.dead, a.any_dead, static_cast<T*>(a.aux_values), a.aux_indices, cap_aux);
   }
   const int64_t n = a.B * a.out_width;
   if (n > 0)
@@ -383,8 +444,13 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
 size_t select_workspace_bytes() { return sizeof(GlobalSelect) + kBins * sizeof(unsigned long long); }
 
 cudaError_t select_cuda_launch(const SelectArgs& a, cudaStream_t stream) {
-  static bool configured = false;  // allow the candidate buffer in dynamic shared memory
-  if (!configured) {
+  // allow the candidate buffer in dynamic shared memory; the attribute is per device
+  static unsigned long long configured = 0;  // bit d: device d done
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = 1ull << (device & 63);
+  if (!(configured & bit)) {
     const int smem = kMaxSelect * sizeof(uint64_t);
     cudaFuncSetAttribute(topk_rows_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(topk_rows_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -392,7 +458,7 @@ cudaError_t select_cuda_launch(const SelectArgs& a, cudaStream_t stream) {
     cudaFuncSetAttribute(pack_rows_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(pack_rows_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(pack_rows_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    configured = true;
+    configured |= bit;
   }
   switch (a.dtype) {
     case SelectDtype::kFloat32: return launch_select<float>(a, stream);
@@ -425,7 +491,7 @@ cudaError_t group_by_latent_launch(const int32_t* latents, const int64_t* entry_
                                    int32_t* sorted_latents, int64_t* sorted_entries, int64_t* start,
                                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   int end_bit = 1;
-  while ((int64_t(1) << end_bit) < F) ++end_bit;
+  while ((int64_t(1) << end_bit) <= F) ++end_bit;  // ids up to F: F is the left-out bucket
   cudaError_t err = cub::DeviceRadixSort::SortPairs(workspace, workspace_bytes, latents, sorted_latents, entry_ids,
                                                     sorted_entries, static_cast<int>(n), 0, end_bit, stream);
   if (err != cudaSuccess) return err;

@@ -5,9 +5,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace sparse_sae {
+#include "../select_common.h"  // kMaxSelect, select_capacity
 
-constexpr int kMaxSelect = 2048;  // most entries one row may select (k, k_aux, or a packed row)
+namespace sparse_sae {
 
 enum class SelectMode { kTopK, kBatchTopK, kThreshold };
 enum class SelectDtype { kFloat32, kFloat16, kBFloat16 };
@@ -38,6 +38,8 @@ struct SelectArgs {
   int64_t* count_eq;        // B (packing modes)
   int64_t* take_eq;         // B (packing modes)
   void* workspace;          // select_workspace_bytes() (packing modes)
+  unsigned int* any_dead;   // 1 entry, zeroed (with dead): set when some latent is dead, so
+                            // AuxK's selection is skipped on the device when none is
 };
 
 size_t select_workspace_bytes();

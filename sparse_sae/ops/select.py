@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
-from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.backends import _C, dispatch, fallback_warning, register_impl
 
 MODES = ("topk", "batchtopk", "threshold")
 
@@ -100,18 +100,38 @@ def _select_cpu(h, k, mode, width, threshold, dead, k_aux):
                                dead.contiguous() if dead is not None else None, k_aux))
 
 
-# Limits of the CUDA kernel (csrc/cuda/select.h: kMaxSelect entries per row).
-CUDA_MAX_SELECT = 2048
+def cuda_max_select() -> int:
+    """Most entries one row may hold in the CUDA selection (k, k_aux or a packed width), as the
+    extension was built (csrc/select_common.h: kMaxSelect)."""
+    return _C.max_select
 
 
 def _select_cuda(h, k, mode, width, threshold, dead, k_aux):
-    if (h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or h.shape[1] >= 2 ** 31
-            or max(k if mode == "topk" else 0, k_aux, width) > CUDA_MAX_SELECT):
+    cap = cuda_max_select()
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or h.shape[1] >= 2 ** 31:
+        fallback_warning("select", f"the CUDA selection takes float32, float16 and bfloat16 with F < 2^31 "
+                                   f"(got {h.dtype}, F = {h.shape[1]})")
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+    if (k if mode == "topk" else width) > cap:
+        fallback_warning("select", f"k or the packed width is above the CUDA selection's {cap} entries per row")
         return _select_reference(h, k, mode, width, threshold, dead, k_aux)
     if threshold is not None:
         threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
-    return tuple(_C.select_cuda(h.contiguous(), k, mode, width, threshold,
-                                dead.contiguous() if dead is not None else None, k_aux))
+    h = h.contiguous()
+    aux_on_kernel = dead is not None and 0 < k_aux <= cap
+    out = _C.select_cuda(h, k, mode, width, threshold, dead.contiguous() if aux_on_kernel else None,
+                         k_aux if aux_on_kernel else 0)
+    if not out:   # exact width (width = 0) and a row selects more than the kernel's buffer
+        fallback_warning("select", f"a row selects more than {cap} entries at the exact packed width "
+                                   "(width = 0); pass a width (e.g. BatchTopKSAE's max_k_per_row) to stay on "
+                                   "the GPU")
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+    out = list(out)
+    if dead is not None and k_aux > 0 and not aux_on_kernel:   # the main selection stays on the kernel
+        fallback_warning("select", f"k_aux = {k_aux} is above the CUDA selection's {cap} entries per row; "
+                                   "the AuxK candidates use the reference")
+        out[7:9] = reference.auxk_select_ref(h, dead, min(k_aux, h.shape[1]))
+    return tuple(out)
 
 
 register_impl("select", "reference", _select_reference)

@@ -10,10 +10,13 @@ need no gradient). Importing this module raises ImportError when Triton is missi
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from sparse_sae import reference
-from sparse_sae.backends import register_impl
+from sparse_sae.backends import fallback_warning, register_impl
 from sparse_sae.ops.group_by_latent import group_by_latent
 from sparse_sae.triton_kernels import encode as _encode
 from sparse_sae.triton_kernels import penalty_backward as _penalty
@@ -22,10 +25,29 @@ from sparse_sae.triton_kernels import sparse_decode as _decode
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_dtype(*tensors) -> bool:
-    """True when every tensor has one dtype the kernels take (index tensors are not passed)."""
+def _kernel_dtype(op: str, *tensors) -> bool:
+    """True when every tensor has one dtype the kernels take (index tensors are not passed);
+    otherwise warns once that ``op`` uses the reference."""
     dtype = tensors[0].dtype
-    return dtype in KERNEL_DTYPES and all(t.dtype == dtype for t in tensors)
+    if dtype in KERNEL_DTYPES and all(t.dtype == dtype for t in tensors):
+        return True
+    fallback_warning(op, f"the Triton kernels take one dtype among fp16, bf16 and fp32 "
+                         f"(got {sorted({str(t.dtype) for t in tensors})})")
+    return False
+
+
+def device_guard(device: torch.device):
+    """Makes ``device`` current for a launch: Triton launches on the current CUDA device, not on
+    the tensors' (a rank of a multi-GPU run would otherwise launch on GPU 0 with its pointers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_device_of_first_tensor(launcher):
+    @functools.wraps(launcher)
+    def launch(*args):
+        with device_guard(args[0].device):
+            return launcher(*args)
+    return launch
 
 
 def _allow_tf32() -> bool:
@@ -34,38 +56,45 @@ def _allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+@_on_device_of_first_tensor
 def encode_triton(x, W_enc, b_enc, b_dec, relu):
-    if not _kernel_dtype(x, W_enc, b_enc, b_dec):
+    if not _kernel_dtype("encode", x, W_enc, b_enc, b_dec):
         return reference.encode_ref(x, W_enc, b_enc, b_dec, relu)
     return _encode.encode(x, W_enc, b_enc, b_dec, relu, allow_tf32=_allow_tf32())
 
 
+@_on_device_of_first_tensor
 def penalty_backward_triton(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio,
                             ratio_eps, need_dx):
-    if need_dx or not _kernel_dtype(x, W_enc, b_dec, h):
+    if need_dx:
+        fallback_warning("penalty_backward", "the Triton kernel computes no dx (an input that requires grad)")
+    if need_dx or not _kernel_dtype("penalty_backward", x, W_enc, b_dec, h):
         dW_enc, db_enc, db_dec, dx = reference.penalty_backward_ref(
             x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio, ratio_eps, need_dx)
         return dW_enc, db_enc, db_dec, (dx if need_dx else x.new_empty(0))
-    start, entries = group_by_latent(sp_indices, W_enc.shape[0])
+    # entries with no gradient (unselected padding, AuxK picks with nothing dead) join no group
+    start, entries = group_by_latent(sp_indices, W_enc.shape[0], keep=sp_grad != 0)
     dW_enc, db_enc = _penalty.penalty_backward(x - b_dec, h, active, n1, n2, coef_off, coef_ratio, ratio_eps,
                                                sp_indices, sp_grad, start, entries, allow_tf32=_allow_tf32())
     return dW_enc, db_enc, -(db_enc @ W_enc), x.new_empty(0)
 
 
+@_on_device_of_first_tensor
 def sparse_decode_triton(values, indices, W_dec, b_dec):
-    if not _kernel_dtype(values, W_dec, b_dec):
+    if not _kernel_dtype("sparse_decode", values, W_dec, b_dec):
         return reference.sparse_decode_ref(values, indices, W_dec, b_dec)
     return _decode.sparse_decode(values, indices, W_dec, b_dec)
 
 
+@_on_device_of_first_tensor
 def sparse_decode_backward_triton(grad, values, indices, W_dec):
-    if not _kernel_dtype(grad, values, W_dec):
+    if not _kernel_dtype("sparse_decode_backward", grad, values, W_dec):
         return reference.sparse_decode_backward_ref(grad, values, indices, W_dec)
-    start, entries = group_by_latent(indices, W_dec.shape[0])
+    start, entries = group_by_latent(indices, W_dec.shape[0], keep=values != 0)   # zero entries add nothing to dW
     return _decode.sparse_decode_backward(grad, values, indices, W_dec, start, entries)
 
 
-register_impl("encode", "triton", encode_triton)
-register_impl("penalty_backward", "triton", penalty_backward_triton)
-register_impl("sparse_decode", "triton", sparse_decode_triton)
-register_impl("sparse_decode_backward", "triton", sparse_decode_backward_triton)
+LAUNCHERS = {"encode": encode_triton, "penalty_backward": penalty_backward_triton,
+             "sparse_decode": sparse_decode_triton, "sparse_decode_backward": sparse_decode_backward_triton}
+for _op, _launcher in LAUNCHERS.items():
+    register_impl(_op, "triton", _launcher)
