@@ -140,6 +140,18 @@ class SparseAutoencoder(nn.Module):
             check_activations(x, self.d_in, self.W_enc)
         return x * self.input_scale if self.input_scale is not None else x
 
+    @staticmethod
+    def _autocast(*tensors):
+        """The tensors in the autocast dtype when autocast is on for their device (float32 ones
+        only): autocast does not cast the inputs of ``torch.library`` custom ops, so the module
+        does, and the kernels then run in bf16/fp16 with fp32 accumulation. Parameters stay
+        float32 (master weights); their gradients come back through the cast in float32."""
+        device = tensors[0].device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return tensors
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
+
     def _unscale(self, recon):
         return recon / self.input_scale if self.input_scale is not None else recon
 
@@ -177,7 +189,8 @@ class SparseAutoencoder(nn.Module):
         """``a @ W_dec + b_dec`` for the code ``(values, indices)``, in input units."""
         if self.check_inputs:
             check_code(values, indices, self.n_latents, self.W_dec)
-        return self._unscale(ops.sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, self.b_dec))
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
+        return self._unscale(ops.sparse_decode(values.to(W_dec.dtype), indices, W_dec, b_dec))
 
     def dense_code(self, values, indices):
         """The ``B x F`` code with ``values`` at ``indices``."""
@@ -264,7 +277,7 @@ class TopKSAE(SparseAutoencoder):
         xs = self._prepare(x)
         dead = self.dead_mask(self.auxk.dead_after_tokens) if (self.auxk is not None and self.training) else None
         ratio = self.penalty(L1L2Ratio)
-        code = ops.topk_code(xs, self.W_enc, self.b_enc, self.b_dec, self.k, self._select_mode(),
+        code = ops.topk_code(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec), self.k, self._select_mode(),
                              self._width() if self.mode != "topk" else 0, dead, self.k_aux,
                              ratio.eps if ratio is not None else reference.RATIO_EPS)
         aux = (code.aux_values, code.aux_indices, dead) if dead is not None else None
@@ -273,7 +286,8 @@ class TopKSAE(SparseAutoencoder):
     def _finish(self, xs, values, indices, fired, r_off, r_ratio, aux) -> SAEOutput:
         """Decodes, adds the loss terms and tracks firing. ``aux`` is ``(aux_values, aux_indices,
         dead)`` or None."""
-        recon = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
+        recon = ops.sparse_decode(values, indices, W_dec, b_dec)
         losses = {"recon": self._recon_term(xs, recon)}
         for p in self.penalties:
             if isinstance(p, OffSupportL1):
@@ -286,7 +300,7 @@ class TopKSAE(SparseAutoencoder):
         if aux is not None:
             aux_values, aux_indices, dead = aux
             e = (xs - recon).detach()
-            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, torch.zeros_like(self.b_dec))
+            e_hat = ops.sparse_decode(aux_values, aux_indices, W_dec, torch.zeros_like(b_dec))
             aux = reference.fvu_ref(e, e_hat)
             losses["auxk"] = torch.where(dead.any(), aux, torch.zeros_like(aux))
             loss = loss + self.auxk.coef * losses["auxk"]
@@ -331,7 +345,7 @@ class BatchTopKSAE(TopKSAE):
                 self._update_threshold(out.values)
             return out
         xs = self._prepare(x)
-        h = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec)
+        h = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec))
         sel = ops.select(h.detach(), mode="threshold", width=self._width(),
                          threshold=self.threshold.to(h.dtype).expand(self.n_latents))
         values = h.gather(1, sel.indices) * (sel.values > 0)
@@ -362,7 +376,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def forward(self, x) -> SAEOutput:
         xs = self._prepare(x)
-        a = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec)
+        a = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec))
         return self._dense_finish(xs, a, None, None)
 
     def _dense_finish(self, xs, a, z, theta) -> SAEOutput:
@@ -398,7 +412,7 @@ class JumpReLUSAE(ReLUSAE):
 
     def forward(self, x) -> SAEOutput:
         xs = self._prepare(x)
-        z = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec, False)
+        z = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec), False)
         theta = self.log_threshold.exp()
         a = reference.jumprelu_ref(z, theta, self.bandwidth)
         return self._dense_finish(xs, a, z, theta)

@@ -17,6 +17,7 @@ from torch import Tensor
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 
 @torch.library.custom_op("sparse_sae::penalty_backward", mutates_args=())
@@ -53,13 +54,15 @@ def _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, 
 
 def _penalty_backward_cpu(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio,
                           ratio_eps, need_dx):
-    dtype = x.dtype
-    if dtype not in (torch.float32, torch.float64) or any(
-            t.dtype != dtype for t in (W_enc, b_dec, h, n1, n2, sp_grad)):
+    dt = cpu_compute_dtype(x, W_enc, b_dec, h)
+    if dt is None or (dt == torch.float64) != (n1.dtype == torch.float64):
         return _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                            coef_off, coef_ratio, ratio_eps, need_dx)
-    c = [t.contiguous() for t in (x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad)]
-    return tuple(_C.penalty_backward_cpu(*c, coef_off, coef_ratio, ratio_eps, need_dx))
+    c = [t.to(dt).contiguous() for t in (x, W_enc, b_dec, h)]
+    c += [active.contiguous(), n1.to(dt).contiguous(), n2.to(dt).contiguous(), sp_indices.contiguous(),
+          sp_grad.to(dt).contiguous()]
+    dW_enc, db_enc, db_dec, dx = _C.penalty_backward_cpu(*c, coef_off, coef_ratio, ratio_eps, need_dx)
+    return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype), dx.to(x.dtype)
 
 
 register_impl("penalty_backward", "reference", _penalty_backward_reference)

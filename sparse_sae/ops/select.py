@@ -14,6 +14,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae.backends import _C, dispatch, fallback_warning, register_impl
+from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 MODES = ("topk", "batchtopk", "threshold")
 
@@ -92,12 +93,17 @@ def _select_reference(h, k, mode, width, threshold, dead, k_aux):
 
 
 def _select_cpu(h, k, mode, width, threshold, dead, k_aux):
-    if h.dtype not in (torch.float32, torch.float64):
-        return _select_reference(h, k, mode, width, threshold, dead, k_aux)   # half types: no CPU kernel
-    if threshold is not None:
-        threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
-    return tuple(_C.select_cpu(h.contiguous(), k, mode, width, threshold,
-                               dead.contiguous() if dead is not None else None, k_aux))
+    dt = cpu_compute_dtype(h)
+    if dt is None:
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+    if threshold is not None:   # rounded to h's dtype first, as the reference compares them
+        threshold = threshold.to(h.dtype).to(dt).expand(h.shape[1]).contiguous()
+    out = _C.select_cpu(h.to(dt).contiguous(), k, mode, width, threshold,
+                        dead.contiguous() if dead is not None else None, k_aux)
+    values, indices, row_threshold, active, fired, n1, n2, aux_values, aux_indices = out
+    # half types: values exactly h's (widening is exact), norms stay in the float32 accumulator
+    return (values.to(h.dtype), indices, row_threshold.to(h.dtype), active, fired, n1, n2,
+            aux_values.to(h.dtype), aux_indices)
 
 
 def cuda_max_select() -> int:
