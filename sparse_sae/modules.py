@@ -279,7 +279,8 @@ class TopKSAE(SparseAutoencoder):
         ratio = self.penalty(L1L2Ratio)
         code = ops.topk_code(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec), self.k, self._select_mode(),
                              self._width() if self.mode != "topk" else 0, dead, self.k_aux,
-                             ratio.eps if ratio is not None else reference.RATIO_EPS)
+                             ratio.eps if ratio is not None else reference.RATIO_EPS,
+                             any(isinstance(p, (OffSupportL1, L1L2Ratio)) for p in self.penalties))
         aux = (code.aux_values, code.aux_indices, dead) if dead is not None else None
         return self._finish(xs, code.values, code.indices, code.fired, code.off_support_l1, code.l1_l2_ratio, aux)
 
@@ -356,12 +357,12 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values) -> None:
+        """Running estimate of the smallest selected value, on the device (no host sync); a batch
+        that selects nothing positive leaves it unchanged."""
         pos = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min().to(torch.float64)
-        if not torch.isfinite(pos):
-            return
         m = self.threshold_momentum
         new = torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos)
-        self.threshold.copy_(new)
+        self.threshold.copy_(torch.where(torch.isfinite(pos), new, self.threshold))
 
     def config(self) -> dict:
         cfg = super().config()
