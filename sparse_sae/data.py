@@ -52,7 +52,7 @@ class ActivationSource:
 
     def locate(self, row: int) -> tuple:
         """``(name, local_row)``: the file (or object) holding global row ``row``, and its row there."""
-        return "the data tensor", row
+        return "(in-memory tensor)", row
 
 
 class NonFiniteDataError(ValueError):
