@@ -179,7 +179,7 @@ class Trainer:
         elif sae is not None:
             self.sae = sae.to(self.device)
         else:
-            head = self._finite(self.source.head(32768))
+            head = self._finite(self.source.head(32768)) if cfg.normalize_inputs or cfg.init_b_dec else None
             scale = input_scale_for(head) if cfg.normalize_inputs else None
             torch.manual_seed(cfg.seed)
             self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device)
