@@ -204,8 +204,10 @@ class Trainer:
         fresh = resume is None or run_dir_of(resume) is None
         found = _run_contents(cfg.out_dir) if fresh and cfg.out_dir is not None else []
         if found:
-            raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}); resume it (--resume "
-                                  f"{cfg.out_dir}) or choose another out_dir")
+            advice = (f"resume it (--resume {cfg.out_dir})" if "checkpoints" in found
+                      else "it has no checkpoint to resume: remove its files")
+            raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}); {advice} or choose "
+                                  f"another out_dir")
         self.metrics = {}
         self._log = None
         if cfg.out_dir is not None and self.ctx.is_main:

@@ -21,7 +21,7 @@ import sparse_sae as S
 from sparse_sae.checkpoint import MANIFEST_FILE, latest_checkpoint, read_checkpoint
 from sparse_sae.cli import main
 from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, NonFiniteDataError, open_source
+from sparse_sae.data import ActivationLoader, NonFiniteDataError, check_finite_rows, open_source
 from sparse_sae.metrics_log import MetricsLog, read_metrics
 from sparse_sae.run_lock import RunLockedError
 from sparse_sae.train import Trainer
@@ -348,6 +348,8 @@ def test_nan_in_the_first_rows_is_named_before_training(tmp_path, data):
     batches = [loader.next_batch() for _ in range(8)]
     assert [b.shape[0] for b in batches] == [99] + [100] * 7 and loader.skipped_rows == 1
     assert torch.equal(batches[0], torch.cat([bad[:5], bad[6:100]]))
+    huge = torch.full((4, D), 3e38)                  # finite rows whose sum overflows: not refused
+    check_finite_rows(open_source(huge), 0, huge)
 
 
 def test_eval_refuses_bad_embeddings_and_labels_naming_the_file(tmp_path, npy, data, capsys):
