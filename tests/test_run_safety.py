@@ -235,16 +235,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cut_run, data,
                                                                      read_metrics(full / "metrics.jsonl")]
 
 
-def test_a_flipped_byte_is_detected_and_every_damage_reported(cut_run, data, capsys):
+def test_the_cli_warns_in_one_line_and_reports_every_damage(cut_run, data, capsys):
     _, cut = cut_run
-    for ckpt in sorted((cut / "checkpoints").glob("step_*")):
+    np.save(cut.parent / "acts.npy", data.numpy())
+    _flip_last_byte(cut / "checkpoints" / "step_00000008" / "sae_weights.safetensors")
+    assert main(["train", "--resume", str(cut), "--data", str(cut.parent / "acts.npy")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(warned) == 1 and warned[0].startswith("sparse-sae train: warning: damaged checkpoint(s) skipped: ")
+    assert "step_00000008/sae_weights.safetensors does not match its sha256" in warned[0]
+    for ckpt in sorted((cut / "checkpoints").glob("step_*")):        # now steps 8 and 10
         _flip_last_byte(ckpt / "sae_weights.safetensors")
-    with pytest.raises(ValueError, match=r"no intact checkpoint.*step_00000008.*sha256.*step_00000004.*sha256"):
+    with pytest.raises(ValueError, match=r"no intact checkpoint.*step_00000010.*sha256.*step_00000008.*sha256"):
         Trainer(_cfg(cut), data, resume=cut)
-    with pytest.raises(ValueError, match=r"step_00000004/sae_weights.safetensors does not match its sha256"):
-        read_checkpoint(cut / "checkpoints" / "step_00000004")       # a checkpoint named directly: no fallback
-    assert main(["train", "--resume", str(cut), "--data", str(cut.parent / "none.npy")]) == 1
-    _one_error_line(capsys.readouterr().err, "train")
+    with pytest.raises(ValueError, match=r"step_00000008/sae_weights.safetensors does not match its sha256"):
+        read_checkpoint(cut / "checkpoints" / "step_00000008")       # a checkpoint named directly: no fallback
+    assert main(["train", "--resume", str(cut), "--data", str(cut.parent / "acts.npy")]) == 1
+    assert "no intact checkpoint" in _one_error_line(capsys.readouterr().err, "train")
 
 
 # ---------------------------------------------------------------------------------------- 4. metrics.jsonl
