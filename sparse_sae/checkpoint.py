@@ -74,7 +74,7 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     try:
         sae.save(tmp, fold_input_scale=False)
         _atomic_write(tmp / TRAIN_CONFIG_FILE, lambda p: p.write_text(json.dumps(train_config, indent=2) + "\n"))
-        _atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+        _atomic_write(tmp / STATE_FILE, lambda p: _torch_save(state, p))
         _atomic_write(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(_manifest(tmp, step), indent=2) + "\n"))
         _fsync_dir(tmp)
     except BaseException:
@@ -87,6 +87,13 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     _atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     _prune(root, keep, final.name)
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    # through a Python file: a failed write then raises an OSError that names the cause (torch
+    # writing to a path reports only "enforce fail at inline_container.cc")
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _sha256(path: Path) -> str:

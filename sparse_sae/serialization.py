@@ -80,9 +80,19 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, (RuntimeError, SafetensorError)) and not isinstance(exc, OSError):
-            raise OSError(f"could not write {path}: {' '.join(str(exc).split())}") from exc
+        if isinstance(exc, (RuntimeError, SafetensorError)):
+            cause = _os_error_behind(exc)     # e.g. torch.save's "enforce fail" hides "File too large"
+            reason = str(cause) if cause is not None else " ".join(str(exc).split())
+            raise OSError(f"could not write {path}: {reason}") from exc
         raise
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` was raised while handling, if any."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")

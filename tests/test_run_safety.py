@@ -385,16 +385,21 @@ def test_eval_refuses_bad_embeddings_and_labels_naming_the_file(tmp_path, npy, d
 # ---------------------------------------------------------------------------------------- 7. one-line errors
 
 
-def test_a_failed_write_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, npy):
+@pytest.mark.parametrize("limit, fails", [(20_000, "sae_weights.safetensors"),   # weights: about 33 kB
+                                          (45_000, "trainer_state.pt")])         # optimizer state: about 66 kB
+def test_a_failed_write_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, npy, limit, fails):
+    """A file-size limit (a full disk, reproducibly) while a checkpoint is written: safetensors raises
+    SafetensorError and torch.save a RuntimeError ("enforce fail"); both are one line naming the file."""
     run = tmp_path / "run"
     flags = ["train", "--data", npy, "--out-dir", run, "--n-latents", 256, "--k", 4, "--batch-size", 32, "--steps",
              4, "--checkpoint-every", 2, "--no-progress"]
-    proc = _cli(*flags, preexec_fn=_fsize_limit)
+    proc = _cli(*flags, preexec_fn=lambda: _fsize_limit(limit))
     assert proc.returncode == 1
     line = _one_error_line(proc.stderr, "train")
-    assert "could not write" in line or "File too large" in line
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
-    proc = _cli(*flags, "--debug", preexec_fn=_fsize_limit)
+    assert f"could not write {run / 'checkpoints' / '.step_00000002.tmp' / fails}: " in line
+    assert "File too large" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []       # no half checkpoint left
+    proc = _cli(*flags, "--debug", preexec_fn=lambda: _fsize_limit(limit))
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
