@@ -152,7 +152,8 @@ def _read_checkpoint(ckpt: Path, device) -> Checkpoint:
     except (ValueError, RuntimeError, EOFError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"checkpoint {ckpt} is unreadable: {' '.join(str(exc).split())}") from exc
     if not isinstance(train_config, dict) or not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"checkpoint {ckpt} is unreadable: {TRAIN_CONFIG_FILE} or {STATE_FILE} has the wrong structure")
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {TRAIN_CONFIG_FILE} or {STATE_FILE} has the wrong "
+                         f"structure")
     return Checkpoint(ckpt, sae, train_config, state)
 
 

@@ -342,8 +342,8 @@ class Trainer:
                 try:
                     x = self.loader.next_batch().to(self.device, sae.W_enc.dtype, non_blocking=True)
                 except NonFiniteDataError as exc:
-                    raise NonFiniteDataError(f"{exc}. Training stopped while reading the batch of step {self.step + 1}; "
-                                             f"{self._last_good()}") from None
+                    raise NonFiniteDataError(f"{exc}. Training stopped while reading the batch of step "
+                                             f"{self.step + 1}; {self._last_good()}") from None
                 result = self.train_step(x)
                 rows += x.shape[0] * self.ctx.world_size
                 bar.update(1)
