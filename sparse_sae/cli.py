@@ -5,8 +5,10 @@ Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``eval``, ``bench``, 
 (each providing ``add_parser(subparsers)``) when those are installed; until then the
 subcommand says it is not available and exits with status 2.
 
-Errors in what the user gave (paths, settings, data) print one line and exit with status 1;
-``SPARSE_SAE_DEBUG=1`` shows the traceback instead.
+Errors in what the user gave or in the environment (paths, settings, data, a damaged file, a
+full disk, a permission) print one line, ``sparse-sae COMMAND: error: ...``, and exit with
+status 1; ``--debug`` (or ``SPARSE_SAE_DEBUG=1``) shows the traceback instead. Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import importlib
 import os
 import sys
 import typing
+import warnings
 
 EPILOG = """\
 A first session:
@@ -95,31 +98,34 @@ def _add_train_parser(sub) -> None:
 
 
 def _train(args) -> int:
-    from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint
+    from sparse_sae.checkpoint import read_checkpoint
     from sparse_sae.config import TrainConfig
-    from sparse_sae.train import NonFiniteLossError, Trainer
+    from sparse_sae.train import NonFiniteLossError, Trainer, run_dir_of
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "func", "command")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "resume", "func", "command", "debug")}
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
+    resume = args.resume
+    if resume:
+        ckpt = read_checkpoint(resume)          # the newest intact checkpoint, warning about damaged ones
+        resume = ckpt.path
+        run_dir = run_dir_of(ckpt.path)
+        if run_dir is not None:                 # a resumed run writes into its own directory, wherever it now is
+            overrides.setdefault("out_dir", str(run_dir))
     if args.resume and not args.config:
-        ckpt = latest_checkpoint(args.resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint found at {args.resume}")
-        _, saved, _ = load_checkpoint(ckpt)
-        saved["out_dir"] = str(ckpt.parent.parent)      # the run directory, wherever it now is
-        cfg = TrainConfig.from_dict({**saved, **overrides}, source=f"checkpoint {args.resume}")
+        cfg = TrainConfig.from_dict({**ckpt.train_config, **overrides}, source=f"checkpoint {args.resume}")
     elif args.config:
         cfg = TrainConfig.from_file(args.config, **overrides)
     else:
         cfg = TrainConfig.from_dict(overrides, source="flags")
     if cfg.data is None:
         raise ValueError("no training data: give --data PATH or data in the config file")
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=resume)
     try:
         metrics = trainer.fit()
     except NonFiniteLossError as exc:
-        print(f"sparse-sae train: {exc}", file=sys.stderr)
+        print(f"sparse-sae train: error: {exc}", file=sys.stderr)
         return 1
     finally:
         from sparse_sae import distributed
@@ -255,18 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional_parser(sub, "bench", "sparse_sae.bench.cli", "benchmark the kernels against the peers")
     info = sub.add_parser("info", help="print what was built and which backend each op uses")
     info.set_defaults(func=_info)
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():        # also after the command: sparse-sae train ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+# Errors of the user's input or of the environment: one line. Everything else is a bug: a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: typing.Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as exc:
-        if os.environ.get("SPARSE_SAE_DEBUG"):
-            raise
-        print(f"sparse-sae {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    debug = args.debug or bool(os.environ.get("SPARSE_SAE_DEBUG"))
+    with warnings.catch_warnings():
+        if not debug:                            # a warning is one line too
+            warnings.showwarning = lambda message, *_a, **_k: print(
+                f"sparse-sae {args.command}: warning: {_one_line(str(message))}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except USER_ERRORS as exc:
+            if debug:
+                raise
+            print(f"sparse-sae {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

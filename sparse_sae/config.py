@@ -17,7 +17,7 @@ ARCHITECTURE_NAMES = {"topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "relu": "R
 
 # Fields that may change between a checkpoint and its resumption; every other field must match.
 RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                        "tensorboard", "data", "device"})
+                        "tensorboard", "data", "device", "skip_nonfinite"})
 
 
 @dataclass
@@ -29,6 +29,7 @@ class TrainConfig:
     data_key: str | None = None        # tensor name inside the shards (default: the only one there)
     memory_budget_mb: float = 1024.0   # rows held in memory at once for shuffling
     shuffle: bool = True               # shuffle rows (within the memory budget)
+    skip_nonfinite: bool = False       # drop data rows holding NaN/Inf (counted as skipped_rows in the metrics) instead of stopping
     # --- model
     architecture: str = "topk"         # topk | batchtopk | relu | jumprelu
     n_latents: int | None = None       # SAE width; default expansion_factor * d_in
