@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sparse_sae import distributed
 from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, open_source
+from sparse_sae.data import ActivationLoader, activations_metadata, open_source
 from sparse_sae.metrics_log import MetricsLog
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,6 +97,7 @@ class Trainer:
         if data is None:
             raise ValueError("no training data: pass data= or set cfg.data to a path")
         self.source = open_source(data, cfg.data_key)
+        self.activations = activations_metadata(data)     # kept with the final SAE, for export
         self.step = 0
         state = None
         if resume is not None:
@@ -263,7 +264,7 @@ class Trainer:
                 if self.checkpoint_step != self.step:
                     self.save_checkpoint()
                 if self.ctx.is_main:
-                    sae.save(Path(cfg.out_dir) / FINAL_DIR)
+                    sae.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
