@@ -207,7 +207,6 @@ def _export(args) -> int:
     lines = []
     if args.format == "saelens":
         names = interop.saelens_names(saved_activations(path))
-        recorded = dict(names)
         if args.hook_name is not None:
             names.update(hook_name=args.hook_name, hf_hook_name=None)
         if args.model_name is not None:
@@ -218,7 +217,7 @@ def _export(args) -> int:
             if value is None:
                 lines.append(f"metadata {key}: none recorded for this SAE's data; pass --{key.replace('_', '-')}")
             else:
-                where = "given" if value != recorded[key] or getattr(args, key) is not None else "recorded with the SAE"
+                where = "given" if getattr(args, key) is not None else "recorded with the SAE"
                 lines.append(f"metadata {key}: {value!r} ({where})")
         if args.hook_name is None and str(names["hook_name"]).startswith("hidden_states."):
             lines.append("  (the transformers hidden-state index; pass --hook-name for the hook your SAELens code "
