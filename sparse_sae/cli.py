@@ -208,7 +208,7 @@ def _export(args) -> int:
     if args.format == "saelens":
         names = interop.saelens_names(saved_activations(path))
         if args.hook_name is not None:
-            names.update(hook_name=args.hook_name, hf_hook_name=None)
+            names["hook_name"] = args.hook_name
         if args.model_name is not None:
             names["model_name"] = args.model_name
         interop.to_saelens(sae, args.out_dir, overwrite=args.overwrite, **names)

@@ -260,11 +260,12 @@ def to_sparsify(sae, directory, *, overwrite: bool = False) -> Path:
 # as SAELens's handle_pre_6_0_config maps them).
 _SAELENS_UNDERSTOOD = {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations",
                        "reshape_activations", "metadata", "model_name", "hook_name", "hook_point", "activation_fn",
-                       "activation_fn_str", "finetuning_scaling_factor", "sae_lens_version"}
+                       "activation_fn_str", "activation_fn_kwargs", "finetuning_scaling_factor",
+                       "sae_lens_version"}
 _SAELENS_ARCH_KEYS = {
     "standard": set(),
     "jumprelu": {"jumprelu_bandwidth", "jumprelu_init_threshold"},
-    "topk": {"k", "activation_fn_kwargs", "rescale_acts_by_decoder_norm"},
+    "topk": {"k", "rescale_acts_by_decoder_norm"},
     "batchtopk": {"k", "rescale_acts_by_decoder_norm", "topk_threshold_lr"},
 }
 # no effect on what the loaded SAE computes: training settings (listed as not carried over) ...
@@ -275,9 +276,9 @@ _SAELENS_TRAINING = {
 }
 # ... and where it runs or what it was trained on
 _SAELENS_DESCRIPTIVE = {
-    "device", "model_class_name", "hook_head_index", "hook_point_head_index", "hook_layer", "model_from_pretrained_kwargs",
-    "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
-    "dataset_trust_remote_code", "sae_lens_training_version", "hf_hook_name",
+    "device", "model_class_name", "hook_head_index", "hook_point_head_index", "hook_layer",
+    "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size",
+    "seqpos_slice", "dataset_path", "dataset_trust_remote_code", "sae_lens_training_version", "hf_hook_name",
 }
 _SAELENS_OTHER_ARCH = {
     "gated": "a gated SAE (separate gate and magnitude paths: b_gate, b_mag, r_mag); sparse_sae has no gated "
@@ -302,6 +303,9 @@ def _saelens_arch(cfg: dict, path) -> str:
     want = "topk" if arch in ("topk", "batchtopk") else "relu"
     if act is not None and act != want:
         raise ValueError(f"{path}: activation_fn {act!r} does not match architecture {arch!r} (expected {want!r})")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if set(kwargs) - ({"k"} if want == "topk" else set()):
+        raise ValueError(f"{path}: activation_fn_kwargs {kwargs} are not understood for architecture {arch!r}")
     return arch
 
 

@@ -159,6 +159,26 @@ def test_saelens_keys_it_does_not_understand_are_refused(tmp_path, gen):
         from_saelens(tmp_path)
 
 
+def test_saelens_pre_6_config(tmp_path, gen):
+    """Names as SAELens's handle_pre_6_0_config maps them: no architecture, k in activation_fn_kwargs,
+    hook_point and model_name at the top level."""
+    old = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "hook_point": "blocks.2.hook_resid_pre",
+           "model_name": "gpt2-small", "hook_layer": 2, "normalize_activations": False, "finetuning_scaling_factor": False}
+    _saelens_dir(tmp_path, gen, old, arch="topk")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for key in ("architecture", "k", "metadata"):
+        del cfg[key]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    imported = read_saelens(tmp_path)
+    assert isinstance(imported.sae, S.TopKSAE) and imported.sae.k == K
+    assert imported.activations == {"model": "gpt2-small", "hook_name": "blocks.2.hook_resid_pre"}
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "activation_fn_str": "relu", "activation_fn_kwargs": {}}))
+    assert isinstance(from_saelens(tmp_path), S.ReLUSAE)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "activation_fn_str": "relu"}))
+    with pytest.raises(ValueError, match="activation_fn_kwargs"):
+        from_saelens(tmp_path)
+
+
 def test_import_errors(tmp_path, gen):
     with pytest.raises(FileNotFoundError, match="not a SAELens SAE directory"):
         from_saelens(tmp_path)

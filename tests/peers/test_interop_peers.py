@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-_WHY = os.environ.get("SPARSE_SAE_PEERS_UNAVAILABLE") or "sae_lens and sparsify are not installed here (make test-peers)"
+_WHY = (os.environ.get("SPARSE_SAE_PEERS_UNAVAILABLE")
+        or "sae_lens and sparsify are not installed here (make test-peers)")
 sae_lens = pytest.importorskip("sae_lens", reason=_WHY)
 sparsify = pytest.importorskip("sparsify", reason=_WHY)
 
