@@ -272,6 +272,8 @@ def test_cli_export_takes_names_from_the_extracted_data(tmp_path, gen, capsys):
     assert meta["hook_name"] == "blocks.8.hook_resid_post"
     assert main(["export", str(run), "sparsify", str(tmp_path / "lens")]) == 1
     assert "holds a SAELens SAE" in capsys.readouterr().err
+    assert main(["export", str(run), "sparsify", str(tmp_path / "sp"), "--model-name", "x"]) == 1
+    assert "sparsify's format has no place for them" in capsys.readouterr().err
 
 
 def test_cli_import_and_export_again(tmp_path, gen, capsys):
