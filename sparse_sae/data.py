@@ -204,6 +204,23 @@ class ShardSource(_Concat):
         super().__init__(parts, [str(p) for p in paths])
 
 
+EXTRACT_METADATA = "metadata.json"      # written by `sparse-sae extract` beside its shards
+
+
+def activations_metadata(data) -> dict:
+    """Where the activations in ``data`` come from (``model``, ``layer``, ``tokens``, ``kind``), as
+    ``sparse-sae extract`` recorded them in the directory's ``metadata.json``; empty for other data."""
+    if not isinstance(data, (str, Path)) or not (Path(data) / EXTRACT_METADATA).is_file():
+        return {}
+    try:
+        meta = json.loads((Path(data) / EXTRACT_METADATA).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}                    # describes the data only; a damaged file must not stop training
+    if not isinstance(meta, dict):
+        return {}
+    return {k: meta[k] for k in ("model", "layer", "tokens", "kind") if meta.get(k) is not None}
+
+
 def open_source(data, key: str | None = None) -> ActivationSource:
     """An :class:`ActivationSource` from a tensor, an ``ActivationSource``, a ``.npy`` file, a
     directory of ``.npy`` files or a directory of safetensors shards."""

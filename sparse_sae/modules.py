@@ -224,11 +224,11 @@ class SparseAutoencoder(nn.Module):
                 "penalties": [p.to_config() for p in self.penalties], "recon_loss": self.recon_loss,
                 "input_scale": self.input_scale}
 
-    def save(self, directory, fold_input_scale: bool = True) -> None:
+    def save(self, directory, fold_input_scale: bool = True, activations: dict | None = None) -> None:
         """Writes ``sae_weights.safetensors`` and ``config.json`` to ``directory``; see
         :func:`sparse_sae.save`."""
         from sparse_sae.serialization import save
-        save(self, directory, fold_input_scale=fold_input_scale)
+        save(self, directory, fold_input_scale=fold_input_scale, activations=activations)
 
     @classmethod
     def load(cls, directory, device=None):

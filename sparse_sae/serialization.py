@@ -21,6 +21,7 @@ FORMAT = "sparse_sae"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "config.json"
+EXPORT_CONFIG_FILE = "cfg.json"     # what SAELens and sparsify exports name their config
 
 
 def folded_state(sae) -> dict:
@@ -35,10 +36,15 @@ def folded_state(sae) -> dict:
     return state
 
 
-def save(sae, directory, fold_input_scale: bool = True) -> None:
+def save(sae, directory, fold_input_scale: bool = True, activations: dict | None = None) -> None:
     """Writes ``sae`` to ``directory`` (created if needed). With ``fold_input_scale`` the input
-    scale is folded into the weights and the saved SAE takes raw inputs."""
+    scale is folded into the weights and the saved SAE takes raw inputs. ``activations`` records
+    where its inputs come from (``model``, ``layer``, ``hook_name``, ...; see :func:`saved_activations`)."""
     directory = Path(directory)
+    if (directory / EXPORT_CONFIG_FILE).exists():
+        # SAELens names its weights like ours: saving here would overwrite that export's weights
+        raise FileExistsError(f"{directory} holds a SAELens or sparsify SAE ({EXPORT_CONFIG_FILE}); save to a folder "
+                              f"of its own")
     directory.mkdir(parents=True, exist_ok=True)
     config = sae.config()
     if fold_input_scale and sae.input_scale is not None:
@@ -49,6 +55,8 @@ def save(sae, directory, fold_input_scale: bool = True) -> None:
     tensors = {k: v.cpu().contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(sae).__name__,
             "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "config": config}
+    if activations:
+        meta["activations"] = dict(activations)
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
 
@@ -117,6 +125,19 @@ def _read_meta(cfg_path: Path) -> dict:
     if meta.get("dtype", "float32") not in _DTYPES:
         raise ValueError(f"{cfg_path} names dtype {meta.get('dtype')!r}; expected one of {list(_DTYPES)}")
     return meta
+
+
+def saved_activations(directory) -> dict:
+    """Where the inputs of the SAE saved in ``directory`` come from, as recorded at save time (by
+    ``train`` from the data's ``metadata.json``, or by an import): ``model``, ``layer``,
+    ``hook_name``...; empty when nothing was recorded."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    found = meta.get("activations") if isinstance(meta, dict) else None
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def load(directory, device=None):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sparse_sae import distributed
 from sparse_sae.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
 from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, NonFiniteDataError, check_finite_rows, open_source
+from sparse_sae.data import ActivationLoader, NonFiniteDataError, activations_metadata, check_finite_rows, open_source
 from sparse_sae.metrics_log import MetricsLog
 from sparse_sae.run_lock import RunLock, RunLockedError
 
@@ -134,6 +134,7 @@ class Trainer:
         if cfg.batch_size > self.source.n_rows:
             raise ValueError(f"batch_size {cfg.batch_size} exceeds the {self.source.n_rows} rows of the data: every "
                              f"batch would repeat rows; lower batch_size or add data")
+        self.activations = activations_metadata(data)     # kept with the final SAE, for export
         if resume is not None and cfg.out_dir is not None:
             run_dir = run_dir_of(resume)
             if run_dir is not None and not _same_dir(run_dir, cfg.out_dir):
@@ -361,7 +362,7 @@ class Trainer:
                 if self.checkpoint_step != self.step:
                     self.save_checkpoint()
                 if self.ctx.is_main:
-                    sae.save(Path(cfg.out_dir) / FINAL_DIR)
+                    sae.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
