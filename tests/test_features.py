@@ -2,19 +2,18 @@
 from tiny random text and vision models, HTML validity and escaping, bounded memory, and the
 pages in a real headless browser when one is installed."""
 import html.parser
-import json
+import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
-from sparse_sae.data import TensorSource
+from sparse_sae.data import ActivationSource, TensorSource
 from sparse_sae.features.build import build_features, match_latents, sample_latents
 from sparse_sae.features.collect import HIST_BINS, FeatureCollector, collect, hist_bin
 from sparse_sae.features.sidecar import SIDECAR_JSON, read_sidecar
-from sparse_sae.features.topn import StreamingTopN, sample_scores
+from sparse_sae.features.topn import sample_scores
 from sparse_sae.modules import TopKSAE
 
 HIDDEN = 32
@@ -74,7 +73,8 @@ def brute_top(values, indices, latents, n):
     out = {}
     for lat in latents:
         col = dense[:, lat] if lat < dense.shape[1] else torch.zeros(rows)
-        entries = sorted(((-float(col[r]), r) for r in range(rows) if col[r] > 0))[:n]
+        fired = torch.nonzero(col > 0).flatten().tolist()
+        entries = sorted((-v, r) for r, v in zip(fired, col[fired].tolist()))[:n]
         out[lat] = [(r, -v) for v, r in entries]
     return out
 
@@ -130,22 +130,34 @@ def test_random_sample_is_uniform_and_batch_independent(gen):
     assert counts.min() > 850, counts
 
 
-def test_topn_memory_is_bounded_by_latents_times_n(gen):
-    """More rows than the top-N table holds: the state does not grow with the rows streamed."""
-    n_latents, k, n = 64, 4, 5
-    sae = TopKSAE(16, n_latents, k)
-    sizes = []
-    for rows in (300, 6000):                    # 6000 * k entries >> 64 latents * 5 kept each
-        col = FeatureCollector(n_latents, torch.arange(n_latents), n, 2 * n)
-        x = torch.randn(rows, 16, generator=gen)
-        for a in range(0, rows, 256):
-            with torch.no_grad():
-                out = sae(x[a:a + 256])
-            col.update(out.values, out.indices)
-        sizes.append(col.nbytes())
-        assert col.n_rows == rows
-    assert sizes[0] == sizes[1]
-    assert sizes[1] < 6000 * k * 8        # less than the entries streamed would take
+class _GeneratedRows(ActivationSource):
+    """Rows made on demand from their index: a data set never held in memory."""
+
+    def __init__(self, n_rows, d):
+        self.n_rows, self.d = n_rows, d
+
+    def rows(self, start, stop):
+        return torch.randn(stop - start, self.d, generator=torch.Generator().manual_seed(start))
+
+
+def test_pass_memory_is_bounded_by_latents_times_n():
+    """Many more rows than the top-N tables hold: the pass's state does not grow with the rows, and
+    what it keeps is still the brute-force top-N."""
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 4).eval()
+    sizes = {}
+    for rows in (1024, 20480):                  # 20480 rows * k=4 entries >> 64 latents * 5 kept
+        stats = collect([sae], [torch.arange(64)], _GeneratedRows(rows, 16), n_top=5, n_sample=10,
+                        batch_size=1024, progress=False)[0]
+        sizes[rows] = stats.top.nbytes() + stats.sample.nbytes() + stats.hist.numel() * 8
+    assert sizes[1024] == sizes[20480] == 64 * (5 * 16 + 10 * 20 + 128 * 8)
+    with torch.no_grad():
+        x = _GeneratedRows(20480, 16)
+        out = [sae(x.rows(a, a + 1024)) for a in range(0, 20480, 1024)]
+    values, indices = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+    want = brute_top(values, indices, [0, 31, 63], 5)
+    for lat in (0, 31, 63):
+        assert [(int(r), float(v)) for r, v in zip(stats.top.rows[lat], stats.top.values[lat])] == want[lat]
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -238,3 +250,113 @@ def test_site_is_deterministic(text_site, tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
     for f in files:
         assert (tmp / "site" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+
+
+def test_vision_site_has_thumbnails_and_patch_heatmaps(tmp_path):
+    from test_extract import _images, _vision_model
+
+    from sparse_sae.extract import extract
+
+    model = _vision_model(tmp_path, "dinov2")
+    images = _images(tmp_path / "images")
+    extract(str(model), images, tmp_path / "acts", 1, tokens="all", batch_size=2, shard_rows=30, progress=False)
+    sidecar, _ = read_sidecar(tmp_path / "acts", 5 * 17)
+    assert sidecar.kind == "image" and sidecar.meta["grid"] == [4, 4] and len(sidecar.meta["images"]) == 5
+    assert sidecar.column("image").tolist() == [i for i in range(5) for _ in range(17)]
+    assert sidecar.column("patch").tolist() == [p for _ in range(5) for p in range(-1, 16)]   # CLS, then patches
+    build_features(_sae_dir(tmp_path, "run", HIDDEN, n_latents=16, k=2), tmp_path / "acts", tmp_path / "site",
+                   latents=6, examples=3, progress=False)
+    pages = sorted((tmp_path / "site" / "latents").glob("*.html"))
+    assert len(pages) == 6
+    thumbs = list((tmp_path / "site" / "thumbs").glob("*.png"))
+    assert thumbs
+    with Image.open(thumbs[0]) as im:
+        assert im.size == (128, 128)
+    p = parse_page(pages[0])
+    imgs = [a["src"] for t, a in p.tags if t == "img"]
+    assert imgs and all((pages[0].parent / s).resolve().is_file() for s in imgs)
+    svgs = [a for t, a in p.tags if t == "svg" and a.get("viewbox") == "0 0 4 4"]
+    assert len(svgs) == len(imgs)                        # one patch heatmap over each thumbnail
+    marked = [a for t, a in p.tags if t == "rect" and a.get("stroke") == "#c00"]
+    assert len(marked) >= len([c for c in "".join(p.text).split("·") if "patch" in c])
+
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def test_old_shard_directory_says_why_it_shows_rows(text_site, tmp_path):
+    """A shard directory from before the sidecar still trains and browses; the pages say why there is no text."""
+    tmp, meta, _ = text_site
+    old = tmp_path / "old"
+    shutil.copytree(tmp / "acts", old)
+    (old / SIDECAR_JSON).unlink()
+    from sparse_sae.cli import main
+
+    assert main(["features", str(tmp / "topk"), str(old), "--out", str(tmp_path / "site"), "--latents", "5",
+                 "--examples", "3", "--no-progress"]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "has no examples.json" in index and "run `sparse-sae extract` again" in index
+    page = parse_page(next((tmp_path / "site" / "latents").glob("*.html")))
+    assert "has no examples.json" in "".join(page.text)
+    # the same latents as a sample of 5 picks, whatever the run
+    assert sorted(int(p.stem) for p in (tmp_path / "site" / "latents").glob("*.html")) == \
+        sample_latents(24, 5, 0).tolist()
+    # bad input: one line, status 1
+    assert main(["features", str(tmp / "topk"), str(old), "--out", str(tmp_path / "x"), "--examples", "0",
+                 "--no-progress"]) == 1
+    with pytest.raises(ValueError, match="d_in=32"):
+        build_features(tmp / "topk", TensorSource(torch.zeros(4, 8)), tmp_path / "y", progress=False)
+
+
+def test_compare_matches_latents_by_decoder_cosine(gen):
+    W_a = torch.randn(6, 8, generator=gen)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    W_b = torch.empty(6, 8)
+    W_b[perm] = 2.0 * W_a + 0.01 * torch.randn(6, 8, generator=gen)     # run b: a's latents, shuffled and scaled
+    best, cos = match_latents(W_a, W_b, torch.arange(6))
+    assert best.tolist() == perm.tolist() and bool((cos > 0.99).all())
+
+
+# ---------------------------------------------------------------------------------------- real browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(tmp_path, url, *args):
+    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
+    profile.mkdir()
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium; "
+                                             ".ci/run installs it when it runs as root with apt)")
+def test_pages_load_in_headless_chromium(text_site, tmp_path):
+    tmp, _, _ = text_site
+    site = tmp / "site"
+    dom = _chromium(tmp_path, (site / "index.html").as_uri() + "#q=%3Cscript%3E", "--dump-dom")
+    page = _Checker()
+    page.feed(dom)
+    rows = [a for t, a in page.tags if t == "tr" and "data-dead" in a]
+    table = next(a for t, a in page.tags if t == "table")
+    assert table.get("data-ready") == "1", "the index's script did not run"
+    assert len(rows) == 24
+    visible = [a for a in rows if "display: none" not in a.get("style", "")]
+    want = [line for line in (site / "index.html").read_text().splitlines()
+            if line.startswith("<tr") and "&lt;script&gt;" in line]
+    assert 0 < len(visible) == len(want)           # the filter from the link ran in the browser
+    latent = sorted((site / "latents").glob("*.html"), key=lambda p: -p.stat().st_size)[0]
+    dom = _chromium(tmp_path, latent.as_uri(), "--dump-dom")
+    page = _Checker()
+    page.feed(dom)
+    assert not any(t == "script" for t, _ in page.tags)
+    n_top = len(re.findall(r'<div class="ex">', dom.split('id="top"')[1].split('id="random"')[0]))
+    assert 1 <= n_top <= 4
+    shot = tmp_path / "latent.png"
+    _chromium(tmp_path, latent.as_uri(), f"--screenshot={shot}", "--window-size=1000,700")
+    with Image.open(shot) as im:
+        assert im.size == (1000, 700)
+

@@ -97,6 +97,8 @@ class Sidecar:
 def read_sidecar(data_dir, n_rows: int) -> tuple:
     """``(Sidecar or None, reason)``: the sidecar of ``data_dir`` checked against ``n_rows``
     activation rows, or None and why there is none."""
+    if not isinstance(data_dir, (str, os.PathLike)):
+        return None, "the data was given in memory, with no examples sidecar; rows are shown by number"
     path = Path(data_dir)
     meta_path, bin_path = path / SIDECAR_JSON, path / SIDECAR_BIN
     if not path.is_dir() or not meta_path.is_file():

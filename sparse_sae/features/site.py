@@ -50,6 +50,8 @@ INDEX_JS = """
     }
     shown.textContent = n;
   }
+  // index.html#q=TEXT opens with the filter set (a link to a filtered view)
+  if (location.hash.indexOf('#q=') === 0) filter.value = decodeURIComponent(location.hash.slice(3));
   filter.addEventListener('input', apply); hideDead.addEventListener('change', apply);
   var heads = table.tHead.rows[0].cells;
   for (var c = 0; c < heads.length; c++) (function (col) {
@@ -66,6 +68,7 @@ INDEX_JS = """
     });
   })(c);
   apply();
+  table.setAttribute('data-ready', '1');
 })();
 """
 
@@ -98,6 +101,8 @@ def hist_window(hist_row: torch.Tensor) -> tuple:
 
 def hist_svg(hist_row: torch.Tensor, width: int, height: int, axis: bool = False) -> str:
     counts, lo, hi = hist_window(hist_row)
+    if axis and not any(counts):
+        return '<p class="meta">never fired</p>'
     peak = max(counts) or 1
     w = width / len(counts)
     bars = "".join(f'<rect x="{i * w:.1f}" y="{height - height * c / peak:.1f}" width="{max(w - 0.5, 0.5):.1f}" '
@@ -121,14 +126,14 @@ def _token_text(sidecar, row: int) -> str:
     return sidecar.meta["tokens"].get(tok, f"<{tok}>").replace("\n", "\u21b5")
 
 
-def text_example(ex, sidecar, peak: float) -> str:
+def text_example(ex, sidecar, peak: float, band: str = "") -> str:
     spans = []
     for row, act in ex.context:
         cls = "t max" if row == ex.row else "t"
         spans.append(f'<span class="{cls}" style="{_shade(act, peak)}" title="{act:.4g}">'
                      f'{esc(_token_text(sidecar, row))}</span>')
     doc = int(sidecar.column("doc")[ex.row])
-    return (f'<div class="ex"><span class="val" title="document {doc}, row {ex.row}">{ex.value:.3g}</span>'
+    return (f'<div class="ex">{band}<span class="val" title="document {doc}, row {ex.row}">{ex.value:.3g}</span>'
             f'{"".join(spans)}</div>')
 
 
@@ -154,7 +159,7 @@ def image_example(ex, sidecar, peak: float, thumbs: dict, prefix: str) -> str:
                 rects.append(f'<rect x="{x}" y="{y}" width="1" height="1" fill="rgb(255,90,0)" '
                              f'fill-opacity="{a * 0.75:.2f}"{stroke}/>')
         overlay = f'<svg viewBox="0 0 {gw} {gh}" preserveAspectRatio="none">{"".join(rects)}</svg>'
-    where = "CLS token" if patch < 0 else f"patch {patch}"
+    where = ("CLS token" if patch < 0 else f"patch {patch}") + (f" [{ex.band}]" if ex.band else "")
     return (f'<div class="thumb">{img}{overlay}<div class="cap">{ex.value:.3g} · {esc(where)}<br>'
             f'{esc(Path(name).name)}</div></div>')
 
@@ -164,7 +169,7 @@ def example_html(ex, sidecar, peak: float, thumbs: dict, prefix: str) -> str:
     if sidecar is None:
         return f'<div class="ex">{band}<span class="val">{ex.value:.3g}</span>row {ex.row}</div>'
     if sidecar.kind == "text":
-        return band + text_example(ex, sidecar, peak)
+        return text_example(ex, sidecar, peak, band)
     if sidecar.kind == "image":
         return image_example(ex, sidecar, peak, thumbs, prefix)
     label = sidecar.meta["labels"][int(sidecar.column("label")[ex.row])]
@@ -173,7 +178,7 @@ def example_html(ex, sidecar, peak: float, thumbs: dict, prefix: str) -> str:
 
 def examples_block(examples, sidecar, peak, thumbs, prefix) -> str:
     items = "".join(example_html(e, sidecar, peak, thumbs, prefix) for e in examples)
-    if sidecar is not None and sidecar.kind == "image":
+    if items and sidecar is not None and sidecar.kind == "image":
         return f'<div class="grid">{items}</div>'
     return items or '<p class="meta">none</p>'
 
