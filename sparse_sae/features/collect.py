@@ -134,6 +134,22 @@ def collect(saes, latent_sets, source, *, n_top: int = 20, n_sample: int = 40, b
     return [c.result() for c in collectors]
 
 
+def read_rows(source, rows: torch.Tensor, max_gap: int = 64, max_span: int = 4096) -> torch.Tensor:
+    """``source``'s rows at the ascending indices ``rows``: spans of nearby rows (gaps up to
+    ``max_gap``, at most ``max_span`` rows) are read at once, then the rows are picked out (and
+    copied: a shard slice can keep its whole shard alive)."""
+    rows = rows.tolist()
+    out, i = [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] - rows[j] <= max_gap and rows[j + 1] - rows[i] < max_span:
+            j += 1
+        span = source.rows(rows[i], rows[j] + 1)
+        out.append(span[torch.tensor(rows[i:j + 1]) - rows[i]])
+        i = j + 1
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def activations_at(sae, latents: torch.Tensor, source, rows: torch.Tensor, slots: torch.Tensor,
                    batch_size: int = 4096) -> torch.Tensor:
@@ -151,15 +167,8 @@ def activations_at(sae, latents: torch.Tensor, source, rows: torch.Tensor, slots
     sae.eval()
     try:
         for a in range(0, uniq.numel(), batch_size):
-            chunk = uniq[a:a + batch_size].tolist()
-            pieces, i = [], 0
-            while i < len(chunk):          # read runs of consecutive rows at once
-                j = i
-                while j + 1 < len(chunk) and chunk[j + 1] == chunk[j] + 1:
-                    j += 1
-                pieces.append(source.rows(chunk[i], chunk[j] + 1))
-                i = j + 1
-            values, indices = encode_batch(sae, torch.cat(pieces))
+            chunk = uniq[a:a + batch_size]
+            values, indices = encode_batch(sae, read_rows(source, chunk))
             values, indices = values.float().cpu(), indices.cpu().long()
             dense = torch.zeros(len(chunk), latents.numel() + 1)      # last column: untracked latents
             dense.scatter_(1, torch.where(slot_of[indices] >= 0, slot_of[indices], latents.numel()), values)
