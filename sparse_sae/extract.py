@@ -216,8 +216,16 @@ def _image_info(files, root: Path, processor, config, pixel_values, n_tokens: in
         gh, gw = pixel_values.shape[-2] // ps, pixel_values.shape[-1] // ps
         if gh * gw == n_tokens - _n_prefix(config):
             grid = [gh, gw]
-    return {"root": str(root.resolve()), "images": [str(p.relative_to(root)) for p in files], "grid": grid,
+    def size_of(size, key):
+        return getattr(size, key, None) if not isinstance(size, dict) else size.get(key)
+
+    info = {"root": str(root.resolve()), "images": [str(p.relative_to(root)) for p in files], "grid": grid,
             "crop": "center" if getattr(processor, "do_center_crop", False) else "stretch"}
+    if info["crop"] == "center":      # resize the shortest edge, then cut the centre: the browser redoes it
+        crop = getattr(processor, "crop_size", None)
+        info["shortest_edge"] = size_of(getattr(processor, "size", None), "shortest_edge")
+        info["crop_size"] = [size_of(crop, "height"), size_of(crop, "width")] if crop is not None else None
+    return info
 
 
 def token_strings(tokenizer, ids) -> dict:

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,6 +318,57 @@ def test_compare_matches_latents_by_decoder_cosine(gen):
     assert best.tolist() == perm.tolist() and bool((cos > 0.99).all())
 
 
+def _demo_site(tmp_path):
+    """The demo's kind of data (bench/features_demo.py), small: rows labelled with their true
+    features, true codes as embeddings."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparse_sae.synthetic import make_synthetic
+
+    spec = importlib.util.spec_from_file_location(
+        "features_demo", Path(__file__).resolve().parents[1] / "bench" / "features_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    data = make_synthetic(n_features=48, d=16, mean_active=3, seed=0)
+    demo.write_data(data, tmp_path, rows=600)
+    run = _sae_dir(tmp_path, "run", 16, n_latents=32, k=3)
+    build_features(run, tmp_path / "acts", tmp_path / "site", examples=5, embeddings=tmp_path / "embeddings.npy",
+                   batch_size=256, progress=False)
+    return tmp_path / "site"
+
+
+def test_demo_data_site_shows_labels_and_monosemanticity(tmp_path):
+    from sparse_sae.data import open_source
+    from sparse_sae.eval.monosemanticity import monosemanticity
+    from sparse_sae.serialization import load
+
+    site = _demo_site(tmp_path)
+    index = parse_page(site / "index.html")
+    ms_cells = {}
+    for t, a in index.tags:
+        if t == "tr" and "data-dead" in a:
+            row = []
+        elif t == "td" and "data-v" in a:
+            row.append(a["data-v"])
+            if len(row) == 5:                       # latent, density, mean, max, monosemanticity
+                ms_cells[int(row[0])] = float(row[4])
+    # the one-pass score equals the batch formula on the whole dense code
+    sae = load(tmp_path / "run" / "final").eval()
+    x = open_source(tmp_path / "acts").rows(0, 600)
+    with torch.no_grad():
+        out = sae(x)
+    dense = torch.zeros(600, 32).scatter_(1, out.indices, out.values)
+    want = monosemanticity(dense, torch.from_numpy(np.load(tmp_path / "embeddings.npy")))
+    assert len(ms_cells) == 32 and sum(not np.isnan(v) for v in ms_cells.values()) > 10
+    for latent, got in ms_cells.items():
+        assert got == pytest.approx(float(want[latent]), rel=1e-4, abs=1e-6, nan_ok=True), latent
+    page = parse_page(site / "latents" / "0.html")
+    assert "×" in "".join(page.text)                       # labels like f12×1.03 from the sidecar
+    sidecar, _ = read_sidecar(tmp_path / "acts", 600)
+    assert sidecar.kind == "label" and len(sidecar.meta["labels"]) == 600
+
+
 # ---------------------------------------------------------------------------------------- real browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -360,3 +412,32 @@ def test_pages_load_in_headless_chromium(text_site, tmp_path):
     with Image.open(shot) as im:
         assert im.size == (1000, 700)
 
+
+
+def test_thumbnail_is_the_part_of_the_image_the_model_saw():
+    from sparse_sae.features.site import model_view
+
+    # CLIP-like: shortest edge to 224, centre 224 x 224: the centre square
+    assert model_view((400, 300), {"crop": "center", "shortest_edge": 224, "crop_size": [224, 224]}) == \
+        (50, 0, 350, 300)
+    # DINOv2-like: shortest edge to 256, centre 224: 224/256 of the centre square
+    assert model_view((256, 512), {"crop": "center", "shortest_edge": 256, "crop_size": [224, 224]}) == \
+        (16, 144, 240, 368)
+    assert model_view((640, 480), {"crop": "stretch"}) == (0, 0, 640, 480)     # SigLIP: resized whole
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium; "
+                                             ".ci/run installs it when it runs as root with apt)")
+def test_demo_site_loads_in_headless_chromium(tmp_path):
+    site = _demo_site(tmp_path / "demo")
+    page = _Checker()
+    page.feed(_chromium(tmp_path, (site / "index.html").as_uri(), "--dump-dom"))
+    assert next(a for t, a in page.tags if t == "table").get("data-ready") == "1"
+    assert len([a for t, a in page.tags if t == "tr" and "data-dead" in a]) == 32
+    assert "monosemanticity" in "".join(page.text)
+    fired = max((site / "latents").glob("*.html"), key=lambda p: p.read_text().count('<div class="ex">'))
+    dom = _chromium(tmp_path, fired.as_uri(), "--dump-dom")
+    top = dom.split('id="top"')[1].split('id="random"')[0]
+    assert top.count('<div class="ex">') == 5      # --examples 5
+    _chromium(tmp_path, fired.as_uri(), f"--screenshot={tmp_path / 'demo_latent.png'}", "--window-size=900,600")
+    assert (tmp_path / "demo_latent.png").stat().st_size > 1000

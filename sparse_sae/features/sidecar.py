@@ -11,8 +11,9 @@ Kinds and columns:
 - ``text``: ``doc, pos, token``: document (line) number, position among the document's kept
   tokens, token id; ``tokens`` maps each id that occurs to its display string.
 - ``image``: ``image, patch``: image number and patch index in the ``grid`` (row-major;
-  -1 for a CLS/register token); ``images`` lists the image paths, ``crop`` how the model's
-  processor fitted an image to its square input (``center`` or ``stretch``).
+  -1 for a CLS/register token); ``images`` lists the image paths under ``root``, ``crop`` how
+  the model's processor fitted an image to its input (``center``: ``shortest_edge`` resized,
+  then the centre ``crop_size`` cut; ``stretch``: resized whole).
 - ``label``: ``label``: an index into ``labels``, one short string per row (e.g. the true
   features of synthetic data).
 

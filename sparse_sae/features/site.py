@@ -198,6 +198,22 @@ def preview(ex, sidecar) -> str:
 
 
 # ---------------------------------------------------------------------------------------- thumbnails
+def model_view(size: tuple, meta: dict) -> tuple:
+    """The box ``(left, top, right, bottom)`` of an image of ``size`` that the model saw, so that the
+    patch grid lies over the right pixels: the processor's centre crop, or the whole image."""
+    w, h = size
+    if meta.get("crop") != "center":
+        return (0, 0, w, h)
+    edge, crop = meta.get("shortest_edge"), meta.get("crop_size")
+    if edge and crop and all(crop):
+        scale = edge / min(w, h)
+        cw, ch = min(w, crop[1] / scale), min(h, crop[0] / scale)
+    else:
+        cw = ch = min(w, h)
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return (round(left), round(top), round(left + cw), round(top + ch))
+
+
 def write_thumbs(sidecar, images, out_dir: Path, size: int = 128) -> dict:
     """``image id -> path relative to the site`` for the images shown, fitted the way the model saw them."""
     if sidecar is None or sidecar.kind != "image" or not images:
@@ -210,10 +226,7 @@ def write_thumbs(sidecar, images, out_dir: Path, size: int = 128) -> dict:
         try:
             with Image.open(root / names[i]) as im:
                 im = im.convert("RGB")
-                if sidecar.meta.get("crop") == "center":
-                    s = min(im.size)
-                    left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-                    im = im.crop((left, top, left + s, top + s))
+                im = im.crop(model_view(im.size, sidecar.meta))
                 im.resize((size, size), Image.BICUBIC).save(out_dir / "thumbs" / f"{i}.png")
                 made[i] = f"thumbs/{i}.png"
         except OSError:
@@ -292,6 +305,9 @@ def write_site(out_dir, sae, stats: LatentStats, pages: dict, sidecar, reason: s
     with their context filled in."""
     out = Path(out_dir)
     (out / "latents").mkdir(parents=True, exist_ok=True)
+    for old in [*(out / "latents").glob("*.html"), *(out / "thumbs").glob("*.png")]:
+        if old.stem.isdigit():          # pages of an earlier build: they would link to stale data
+            old.unlink()
     (out / "style.css").write_text(CSS)
     images = set()
     if sidecar is not None and sidecar.kind == "image":
