@@ -10,6 +10,10 @@ shards that :class:`sparse_sae.data.ShardSource` reads.
 embeddings, negative counts from the end) or a module name (``encoder.layer.5.mlp``; the module's
 output is taken with a forward hook).
 
+Next to the shards goes the examples sidecar (:mod:`sparse_sae.features.sidecar`): the document,
+position and token of every text row, the image and patch of every image row, for the feature
+browser (``sparse-sae features``).
+
 Models load from a local directory or the local Hugging Face cache only; nothing is downloaded.
 """
 from __future__ import annotations
@@ -216,16 +220,18 @@ def _image_info(files, root: Path, processor, config, pixel_values, n_tokens: in
         gh, gw = pixel_values.shape[-2] // ps, pixel_values.shape[-1] // ps
         if gh * gw == n_tokens - _n_prefix(config):
             grid = [gh, gw]
-    def size_of(size, key):
-        return getattr(size, key, None) if not isinstance(size, dict) else size.get(key)
-
     info = {"root": str(root.resolve()), "images": [str(p.relative_to(root)) for p in files], "grid": grid,
             "crop": "center" if getattr(processor, "do_center_crop", False) else "stretch"}
     if info["crop"] == "center":      # resize the shortest edge, then cut the centre: the browser redoes it
         crop = getattr(processor, "crop_size", None)
-        info["shortest_edge"] = size_of(getattr(processor, "size", None), "shortest_edge")
-        info["crop_size"] = [size_of(crop, "height"), size_of(crop, "width")] if crop is not None else None
+        info["shortest_edge"] = _size_of(getattr(processor, "size", None), "shortest_edge")
+        info["crop_size"] = [_size_of(crop, "height"), _size_of(crop, "width")] if crop is not None else None
     return info
+
+
+def _size_of(size, key):
+    """A field of an image processor's size (a dict, or a SizeDict in recent transformers)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 def token_strings(tokenizer, ids) -> dict:

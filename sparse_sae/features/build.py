@@ -6,6 +6,7 @@ pages are written (:mod:`sparse_sae.features.site`). Same data and settings, sam
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -51,8 +52,7 @@ def _load(run_dir, device):
     from sparse_sae.eval.cli import resolve_sae_path
     from sparse_sae.serialization import load
 
-    path = resolve_sae_path(run_dir)
-    return load(path, device=device), path
+    return load(resolve_sae_path(run_dir), device=device)
 
 
 def _pages(sae, stats, source, sidecar, batch_size) -> dict:
@@ -96,9 +96,7 @@ def build_features(run_dir, data_dir, out_dir, *, latents: int | None = None, ex
                    progress: bool = True) -> dict:
     """Writes the feature browser for the SAE of ``run_dir`` on ``data_dir`` to ``out_dir``
     (and, with ``compare``, the second run's pages under ``out_dir/b`` and ``compare.html``).
-    Returns a summary: rows, latents, pass seconds."""
-    import time
-
+    Returns a summary: rows, latents, pass seconds, the sidecar's kind (or why there is none)."""
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise ValueError(f"--examples must be a positive int, got {examples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -106,14 +104,14 @@ def build_features(run_dir, data_dir, out_dir, *, latents: int | None = None, ex
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    sae, path = _load(run_dir, device)
+    sae = _load(run_dir, device)
     source = open_source(data_dir)
     emb = open_source(embeddings) if embeddings is not None else None
     sidecar, reason = read_sidecar(data_dir, source.n_rows)
     chosen = sample_latents(sae.n_latents, latents, seed)
     saes, sets = [sae], [chosen]
     if compare is not None:
-        sae_b, path_b = _load(compare, device)
+        sae_b = _load(compare, device)
         best, cos = match_latents(sae.W_dec, sae_b.W_dec, chosen)
         saes.append(sae_b)
         sets.append(torch.unique(best))

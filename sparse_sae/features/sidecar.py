@@ -8,8 +8,8 @@ shards' row order:
 
 Kinds and columns:
 
-- ``text``: ``doc, pos, token``: document (line) number, position among the document's kept
-  tokens, token id; ``tokens`` maps each id that occurs to its display string.
+- ``text``: ``doc, pos, token``: document number (the n-th non-empty line of the text file),
+  position among the document's kept tokens, token id; ``tokens`` maps each id that occurs to its display string.
 - ``image``: ``image, patch``: image number and patch index in the ``grid`` (row-major;
   -1 for a CLS/register token); ``images`` lists the image paths under ``root``, ``crop`` how
   the model's processor fitted an image to its input (``center``: ``shortest_edge`` resized,

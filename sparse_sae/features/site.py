@@ -265,7 +265,8 @@ def latent_page(latent: int, slot: int, stats: LatentStats, top, randoms, neares
             f'max {fmt(peak)}{ms}</p>\n{notice}'
             f'<h2>Activation histogram</h2>\n{hist_svg(stats.hist[slot], 360, 80, axis=True)}\n'
             f'<h2>Nearest latents by decoder cosine</h2>\n<p id="nearest">{near or "–"}</p>\n'
-            f'<h2>Top {len(top)} examples</h2>\n<div id="top">{examples_block(top, sidecar, peak, thumbs, "../")}</div>\n'
+            f'<h2>Top {len(top)} examples</h2>\n'
+            f'<div id="top">{examples_block(top, sidecar, peak, thumbs, "../")}</div>\n'
             f'<h2>Random examples from lower quantiles</h2>\n'
             f'<div id="random">{examples_block(randoms, sidecar, peak, thumbs, "../")}</div>')
     return page(f"latent {latent} · {info['title']}", body, "../style.css")
