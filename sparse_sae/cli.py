@@ -1,6 +1,6 @@
 """The ``sparse-sae`` command line (also ``python -m sparse_sae``).
 
-Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``import``, ``eval``, ``bench``, ``info``.
+Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``import``, ``eval``, ``features``, ``bench``, ``info``.
 ``eval`` and ``bench`` come from :mod:`sparse_sae.eval.cli` and :mod:`sparse_sae.bench.cli`
 (each providing ``add_parser(subparsers)``) when those are installed; until then the
 subcommand says it is not available and exits with status 2.
@@ -27,6 +27,7 @@ A first session:
   sparse-sae train --resume runs/dino               # continue an interrupted run
   sparse-sae export runs/dino/final saelens out/    # or sparsify
   sparse-sae import saelens lens_sae/ my_sae/       # or sparsify: back to sparse_sae
+  sparse-sae features runs/dino acts/ --out site/dino --latents 500   # browse each latent's top examples
   torchrun --nproc-per-node 8 -m sparse_sae train --config run.json   # data-parallel
 
 Run `sparse-sae COMMAND --help` for each command's options.
@@ -265,6 +266,13 @@ def _import_sae(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- features
+def _add_features_parser(sub) -> None:
+    from sparse_sae.features.cli import add_parser
+
+    add_parser(sub)
+
+
 # ---------------------------------------------------------------------------------------- eval / bench
 def _unavailable(name: str, reason: str):
     def run(_args) -> int:
@@ -317,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_import_parser(sub)
     _add_optional_parser(sub, "eval", "sparse_sae.eval.cli", "evaluate a saved SAE on a data source")
+    _add_features_parser(sub)
     _add_optional_parser(sub, "bench", "sparse_sae.bench.cli", "benchmark the kernels against the peers")
     info = sub.add_parser("info", help="print what was built and which backend each op uses")
     info.set_defaults(func=_info)
