@@ -35,6 +35,7 @@ class TrainConfig:
     n_latents: int | None = None       # SAE width; default expansion_factor * d_in
     expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
     k: int = 32                        # active latents per row (topk, batchtopk)
+    max_k_per_row: int | None = None   # batchtopk: most entries a row keeps (a fixed code width: no host sync per step on a GPU)
     off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo
     l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo
     decoder_norm_l1: float = 0.0       # l1 weighted by decoder norms (all; usual for relu)
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"off_support_l1 and l1_l2_ratio apply to topk and batchtopk, not {self.architecture}")
         if self.l0 and self.architecture != "jumprelu":
             raise ValueError(f"l0 applies to jumprelu only, not {self.architecture}")
+        if self.max_k_per_row is not None and self.architecture != "batchtopk":
+            raise ValueError(f"max_k_per_row applies to batchtopk only, not {self.architecture}")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -182,6 +185,8 @@ class TrainConfig:
             if self.k > n:
                 raise ValueError(f"k={self.k} exceeds the number of latents {n}")
             auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
+            if self.architecture == "batchtopk":
+                kwargs["max_k_per_row"] = self.max_k_per_row
             return cls(d_in, n, self.k, penalties, auxk=auxk, **kwargs)
         return cls(d_in, n, penalties, **kwargs)
 

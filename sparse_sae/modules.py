@@ -92,6 +92,9 @@ class SparseAutoencoder(nn.Module):
             input_scale = float(input_scale)
         self.input_scale = input_scale
         self.check_inputs = check_inputs
+        # whether forward checks x for NaN/Inf: a host synchronisation per call on a GPU; the
+        # trainer turns it off, as its loader checks every row on the host first
+        self.check_finite = True
         self.penalties = self._check_penalties(penalties)
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory))
@@ -137,7 +140,7 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ forward helpers
     def _prepare(self, x):
         if self.check_inputs and not torch.compiler.is_compiling():
-            check_activations(x, self.d_in, self.W_enc)
+            check_activations(x, self.d_in, self.W_enc, check_finite=self.check_finite)
         return x * self.input_scale if self.input_scale is not None else x
 
     @staticmethod

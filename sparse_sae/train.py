@@ -32,6 +32,7 @@ from sparse_sae.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
 from sparse_sae.config import TrainConfig
 from sparse_sae.data import ActivationLoader, NonFiniteDataError, activations_metadata, check_finite_rows, open_source
 from sparse_sae.metrics_log import MetricsLog
+from sparse_sae.prefetch import PrefetchingLoader
 from sparse_sae.run_lock import RunLock, RunLockedError
 
 METRICS_FILE = "metrics.jsonl"
@@ -189,12 +190,19 @@ class Trainer:
         if self.sae.d_in != self.source.d:
             raise ValueError(f"the activation data has width {self.source.d} but the SAE expects "
                              f"d_in={self.sae.d_in}")
-        self.loader = ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                                       memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
-                                       world_size=self.ctx.world_size, skip_nonfinite=cfg.skip_nonfinite)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                          **({"fused": True} if fused else {}))
+        # batches are read, shuffled, checked and copied to the device ahead of the step
+        self.loader = PrefetchingLoader(
+            ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                             memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
+                             world_size=self.ctx.world_size, skip_nonfinite=cfg.skip_nonfinite),
+            self.device, self.sae.W_enc.dtype)
+        # fused Adam (CPU and CUDA) takes found_inf: a step with a non-finite loss is skipped on the
+        # device, with no host synchronisation; the run stops at the next log step or checkpoint
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # the loader checks every row on the host (check_finite_rows), so the module's own finite
+        # check, a host synchronisation per step on a GPU, is not needed here
+        self.sae.check_finite = False
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["data"])
@@ -257,6 +265,7 @@ class Trainer:
         """Writes a checkpoint of the current step (main process only)."""
         if self.cfg.out_dir is None:
             return None
+        self.check_finite_steps()   # never checkpoint past a skipped, non-finite step
         if self.ctx.is_main:
             self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, self.sae, self.cfg.to_dict(),
                                                    self.state_dict(), keep=self.cfg.keep_checkpoints)
@@ -280,6 +289,14 @@ class Trainer:
             loss = loss + sae.auxk.coef * losses["auxk"]
         return loss
 
+    def check_finite_steps(self) -> None:
+        """Stops the run if a step since the last check had a non-finite loss (its update was
+        skipped). One host synchronisation: called on log steps, before a checkpoint and at the end."""
+        bad = int(self._first_nonfinite)
+        if bad >= 0:
+            raise NonFiniteLossError(f"non-finite loss at step {bad}; training stopped, {self._last_good()}. Try a "
+                                     f"lower lr (now {self.cfg.lr}) or check the data.")
+
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimizer step on this process's rows ``x``; returns the step's loss terms."""
         sae, cfg, step = self.sae, self.cfg, self.step
@@ -296,9 +313,9 @@ class Trainer:
         finite = torch.isfinite(loss.detach())
         if self.ctx.enabled:
             finite = distributed.all_reduce_sum(finite.to(torch.int32), self.ctx) == self.ctx.world_size
-        if not bool(finite):
-            raise NonFiniteLossError(f"non-finite loss {float(loss.detach())} at step {step + 1}; training "
-                                     f"stopped, {self._last_good()}. Try a lower lr (now {cfg.lr}) or check the data.")
+        # no host sync: the first bad step is remembered on the device, its update skipped
+        self._first_nonfinite = torch.where(finite | (self._first_nonfinite >= 0), self._first_nonfinite, step + 1)
+        self.optimizer.found_inf = (~finite).to(torch.float32)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.all_reduce_gradients(sae.parameters(), self.ctx)
@@ -341,7 +358,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 try:
-                    x = self.loader.next_batch().to(self.device, sae.W_enc.dtype, non_blocking=True)
+                    x = self.loader.next_batch()
                 except NonFiniteDataError as exc:
                     raise NonFiniteDataError(f"{exc}. Training stopped while reading the batch of step "
                                              f"{self.step + 1}; {self._last_good()}") from None
@@ -349,6 +366,7 @@ class Trainer:
                 rows += x.shape[0] * self.ctx.world_size
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.check_finite_steps()
                     elapsed = time.perf_counter() - start
                     self.metrics = self._record(result, rows / elapsed if elapsed > 0 else math.inf)
                     bar.set_postfix({k: f"{self.metrics[k]:.3g}" for k in ("loss", "fvu", "l0", "dead")})
@@ -364,6 +382,7 @@ class Trainer:
                 if self.ctx.is_main:
                     sae.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
         finally:
+            self.loader.close()
             if flush:
                 torch.set_flush_denormal(False)
             bar.close()
