@@ -51,7 +51,7 @@ def ampere_configs():
 def fp32_configs():
     """fp32 weights (exact fp32 products, or TF32 when PyTorch's matmul precision allows it): the
     first config keeps the K loop pipelined (no per-tile skip)."""
-    return [config(8, 3, BF=64, BD=64, BB=32, SKIP_EMPTY=False, BE=16),
+    return [config(8, 2, BF=64, BD=64, BB=32, SKIP_EMPTY=False, BE=16),
             config(8, 3, BF=64, BD=64, BB=32, SKIP_EMPTY=True, BE=16),
             config(8, 2, BF=64, BD=64, BB=32, SKIP_EMPTY=True, BE=16)]
 
