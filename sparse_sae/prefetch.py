@@ -45,6 +45,8 @@ class PrefetchingLoader:
 
     # ------------------------------------------------------------------ the thread
     def _produce(self) -> None:
+        if self._stream is not None:   # the current device is per thread: without this, pinning and
+            torch.cuda.set_device(self.device)   # the stream switch would open a context on GPU 0
         while not self._stop.is_set():
             try:
                 item = self._prepare(self.loader.next_batch())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,7 @@ from sparse_sae.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
 from sparse_sae.config import TrainConfig
 from sparse_sae.data import ActivationLoader, NonFiniteDataError, activations_metadata, check_finite_rows, open_source
 from sparse_sae.metrics_log import MetricsLog
+from sparse_sae.modules import BatchTopKSAE
 from sparse_sae.prefetch import PrefetchingLoader
 from sparse_sae.run_lock import RunLock, RunLockedError
 
@@ -200,6 +202,9 @@ class Trainer:
         # device, with no host synchronisation; the run stops at the next log step or checkpoint
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda" and isinstance(self.sae, BatchTopKSAE) and self.sae.max_k_per_row is None:
+            warnings.warn("BatchTopK packs each row to the exact width, one host synchronisation a step on a GPU; "
+                          "set max_k_per_row (--max-k-per-row) to a fixed width to avoid it", RuntimeWarning)
         # the loader checks every row on the host (check_finite_rows), so the module's own finite
         # check, a host synchronisation per step on a GPU, is not needed here
         self.sae.check_finite = False

@@ -165,3 +165,15 @@ def test_training_log_never_packs_a_dense_code(gen, monkeypatch, tmp_path, make)
     Trainer(cfg, rand(gen, 200, 12, dtype=torch.float32)).fit()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 3 and all(r["l0"] > 0 for r in rows)
+
+
+@needs_ext
+def test_width_and_k_aux_are_clamped_to_F_before_the_buffer_limit(gen, monkeypatch):
+    """A width or k_aux above F is F (every backend clamps it): it stays on the kernel when F fits."""
+    fake = _FakeCudaSelect(cap=16)
+    monkeypatch.setattr(select_mod, "_C", fake)
+    h = torch.relu(rand(gen, 5, 12, dtype=torch.float32))
+    dead = torch.rand(12, generator=gen) < 0.5
+    got = select_mod._select_cuda(h, 3, "batchtopk", 100, None, dead, 100)
+    assert len(fake.calls) == 1 and fake.calls[0]["k_aux"] == 100 and fake.calls[0]["dead"] is not None
+    _assert_same(got, _select_reference(h, 3, "batchtopk", 100, None, dead, 100))

@@ -48,7 +48,7 @@ def _(h, k, mode, width, threshold, dead, k_aux, norms=True):
     else:
         w = torch.library.get_ctx().new_dynamic_size()
     acc = reference.acc_dtype(h.dtype)
-    ka = k_aux if dead is not None else 0
+    ka = min(k_aux, F) if dead is not None else 0   # every backend clamps k_aux to F
     return (h.new_empty(B, w), h.new_empty(B, w, dtype=torch.int64), h.new_empty(B),
             h.new_empty(F, dtype=torch.bool), h.new_empty(F, dtype=torch.int64),
             h.new_empty(B, dtype=acc), h.new_empty(B, dtype=acc),
@@ -123,13 +123,14 @@ def _select_cuda(h, k, mode, width, threshold, dead, k_aux, norms=True):
         fallback_warning("select", f"the CUDA selection takes float32, float16 and bfloat16 with F < 2^31 "
                                    f"(got {h.dtype}, F = {h.shape[1]})")
         return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
-    if (k if mode == "topk" else width) > cap:
+    F = h.shape[1]
+    if (k if mode == "topk" else min(width, F)) > cap:   # the kernel clamps width to F
         fallback_warning("select", f"k or the packed width is above the CUDA selection's {cap} entries per row")
         return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
     if threshold is not None:
         threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
     h = h.contiguous()
-    aux_on_kernel = dead is not None and 0 < k_aux <= cap
+    aux_on_kernel = dead is not None and 0 < min(k_aux, F) <= cap
     out = _C.select_cuda(h, k, mode, width, threshold, dead.contiguous() if aux_on_kernel else None,
                          k_aux if aux_on_kernel else 0, norms)
     if not out:   # exact width (width = 0) and a row selects more than the kernel's buffer
