@@ -80,7 +80,10 @@ def _setup_context(ctx, inputs, output):
     values, indices, band_values, band_indices, n_band, dense, l0, fired, z = output
     ctx.bandwidth = bandwidth
     ctx.dense = dense.shape[1] > 0
-    ctx.save_for_backward(x, W_enc, b_dec, theta, z, values, indices, band_indices, n_band)
+    # ReLU's dense code is positive exactly where z is: it stands in for z in the backward's mask,
+    # so z itself (B x F) is freed after the forward
+    saved_z = dense if (ctx.dense and theta is None) else z
+    ctx.save_for_backward(x, W_enc, b_dec, theta, saved_z, values, indices, band_indices, n_band)
     ctx.mark_non_differentiable(indices, band_indices, n_band, fired, z)
     # Unused outputs arrive as None (no decoder-norm penalty, no L0): they cost nothing.
     ctx.set_materialize_grads(False)
