@@ -49,6 +49,18 @@ def test_cpu_forward_equals_reference(gen, dtype, jump, regime, B, D, F, shift):
         assert got.values.shape[1] == max(int(on.sum(1).max()), 1)
 
 
+@pytest.mark.parametrize("jump", [False, True])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_opcheck(gen, jump, regime):
+    from sparse_sae.ops.threshold_code import _threshold_code
+    x, W_enc, b_enc, b_dec, theta, bw = _inputs(gen, 7, 5, 11, jump=jump)
+    W_enc.requires_grad_()
+    if theta is not None:
+        theta.requires_grad_()
+    torch.library.opcheck(_threshold_code, (x, W_enc, b_enc, b_dec, theta, bw, regime),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_auto_regime_follows_density(gen):
     x, W_enc, b_enc, b_dec, theta, bw = _inputs(gen, 64, 16, 300)
     assert threshold_code(x, W_enc, b_enc, b_dec, None).is_dense                  # about half active
