@@ -17,7 +17,8 @@ on every 8th row; ``regime`` forces one):
 ``l0 = (1/B) sum_ij [z_ij > theta_j]`` (``L0``'s value) and ``fired`` (per latent) in both.
 
 Backward: ``dL/dz = dL/da [z > theta]`` lives on the active entries. Sparse regime: accumulated by
-latent through ``penalty_backward`` with no penalty term (its sparse part, CPU and Triton);
+latent by the sparse decoder's kernels (CPU and Triton; ``x - b_dec`` plays the upstream
+gradient), which read only the packed code, so ``z`` is not kept;
 dense regime: masked one block of rows at a time into fixed-chunk GEMMs (CPU kernel). The
 threshold's gradient comes from the band only (GemmaScope's rectangle kernel):
 ``dtheta_j = -(theta_j / bw) sum_band dL/da_ij - (1 / bw) (dL/dl0 / B) |band_j|``.
@@ -33,7 +34,7 @@ from sparse_sae import reference
 from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
 from sparse_sae.ops.encode import encode
-from sparse_sae.ops.penalty_backward import penalty_backward
+from sparse_sae.ops.sparse_decode import sparse_decode, sparse_decode_backward
 
 REGIMES = ("auto", "dense", "sparse")
 # Density of active entries below which the packed (sparse) code is built; the CPU kernel's
@@ -80,9 +81,10 @@ def _setup_context(ctx, inputs, output):
     values, indices, band_values, band_indices, n_band, dense, l0, fired, z = output
     ctx.bandwidth = bandwidth
     ctx.dense = dense.shape[1] > 0
-    # ReLU's dense code is positive exactly where z is: it stands in for z in the backward's mask,
-    # so z itself (B x F) is freed after the forward
-    saved_z = dense if (ctx.dense and theta is None) else z
+    # ReLU's dense code is positive exactly where z is: it stands in for z in the backward's mask;
+    # the sparse regime's backward reads only the packed code. Then z (B x F) is freed after the
+    # forward; JumpReLU's dense regime keeps it for the band.
+    saved_z = z if (ctx.dense and theta is not None) else (dense if ctx.dense else None)
     ctx.save_for_backward(x, W_enc, b_dec, theta, saved_z, values, indices, band_indices, n_band)
     ctx.mark_non_differentiable(indices, band_indices, n_band, fired, z)
     # Unused outputs arrive as None (no decoder-norm penalty, no L0): they cost nothing.
@@ -91,7 +93,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_values, g_indices, g_band_values, g_band_indices, g_n_band, g_dense, g_l0, g_fired, g_z):
     x, W_enc, b_dec, theta, z, values, indices, band_indices, n_band = ctx.saved_tensors
-    B, F = z.shape
+    B, F = x.shape[0], W_enc.shape[0]
     bw = ctx.bandwidth
     need_dx = ctx.needs_input_grad[0]
     need_theta = theta is not None and ctx.needs_input_grad[4]
@@ -101,9 +103,7 @@ def _backward(ctx, g_values, g_indices, g_band_values, g_band_indices, g_n_band,
             x, W_enc, b_dec, z, theta, bw, g, need_dx)
     else:
         sp = torch.zeros_like(values) if g_values is None else g_values * (values > 0)   # padding: nothing
-        dW_enc, db_enc, db_dec, dx = penalty_backward(
-            x, W_enc, b_dec, z, torch.zeros(F, dtype=torch.bool, device=z.device), x.new_zeros(B), x.new_zeros(B),
-            indices, sp.to(x.dtype), None, None, reference.RATIO_EPS, need_dx)
+        dW_enc, db_enc, db_dec, dx = _sparse_encoder_grads(x, W_enc, b_dec, indices, sp.to(x.dtype), need_dx)
         band_g = band_n = None
         if need_theta:
             band_g, band_n = _band_sums_packed(values, indices, band_indices, n_band, theta, bw, sp, g_band_values)
@@ -113,6 +113,21 @@ def _backward(ctx, g_values, g_indices, g_band_values, g_band_indices, g_n_band,
         if g_l0 is not None:
             d_theta = d_theta - (g_l0.to(theta.dtype) / (B * bw)) * band_n
     return (dx if need_dx else None), dW_enc, db_enc, db_dec, d_theta, None, None
+
+
+def _sparse_encoder_grads(x, W_enc, b_dec, indices, dz, need_dx):
+    """Encoder gradients from ``dL/dz`` on the packed entries, by the sparse decoder's kernels (CPU
+    and Triton): ``dW_enc[j] = sum_i dz_ij (x_i - b_dec)`` is the decoder backward's ``dW`` with
+    ``x - b_dec`` as the upstream gradient (grouped by latent, entries in row order); ``dx`` the
+    sparse decode of ``dz`` through ``W_enc``; ``db_dec = -db_enc @ W_enc`` the decode of one row
+    holding ``db_enc`` (summed over latents in order: the same bits for any thread count)."""
+    F, D = W_enc.shape
+    _, dW_enc = sparse_decode_backward(x - b_dec, dz, indices, W_enc)
+    db_enc = dz.new_zeros(F).index_add_(0, indices.reshape(-1), dz.reshape(-1))
+    every = torch.arange(F, device=indices.device)[None]
+    db_dec = -sparse_decode(db_enc[None], every, W_enc, b_dec.new_zeros(D))[0]
+    dx = sparse_decode(dz, indices, W_enc, x.new_zeros(D)) if need_dx else x.new_empty(0)
+    return dW_enc, db_enc, db_dec, dx
 
 
 def _band_sums_packed(values, indices, band_indices, n_band, theta, bw, g_active, g_band):
