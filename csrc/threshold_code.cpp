@@ -10,9 +10,9 @@
 //   dense regime: the B x F code z * [z > theta] (init: about half the entries are active, where
 //     a sorted packing and a gather decoder would cost more than the dense GEMMs).
 //   The regime follows the density of active entries sampled on every 8th row (or is forced).
-// Dense backward: dz = g * [z > theta] one block of rows at a time, accumulated into dW_enc
-//   (and dx) by single-threaded GEMMs over fixed chunks (as csrc/penalty_backward.cpp), and the
-//   band sums of the threshold gradient per latent, rows in order.
+// Dense backward: dz = g * [z > theta] masked chunk by chunk into single-threaded GEMMs over the
+//   whole batch (fixed chunks of latents for dW_enc, of rows for dx), and the band sums of the
+//   threshold gradient per latent, rows in order.
 // Every output is the same bits for any thread count: per-row work, fixed chunks, integer counts.
 #include <algorithm>
 #include <cmath>
@@ -174,87 +174,88 @@ std::vector<torch::Tensor> threshold_code_impl(const torch::Tensor& z, const T* 
 }
 
 // ---------------------------------------------------------------------------- dense backward
-// dW_A += Gb^T xt_b, db += colsum(Gb), dx_b += Gb W over fixed chunks (latents, rows), each one
-// single-threaded GEMM inside our parallel loop: the same bits for any thread count.
-template <typename T>
-void block_gemms(const torch::Tensor& Gb, const torch::Tensor& xt_b, const torch::Tensor& W, torch::Tensor& dW,
-                 torch::Tensor& db, const torch::Tensor& dx_b) {
-  constexpr int64_t kLatents = 128, kRows = 64;
-  const int64_t nb = Gb.size(0), F = Gb.size(1);
-  const int64_t n_lat = (F + kLatents - 1) / kLatents;
-  const int64_t n_row = dx_b.defined() ? (nb + kRows - 1) / kRows : 0;
-  const T* gp = Gb.data_ptr<T>();
-  T* dbp = db.data_ptr<T>();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < n_lat + n_row; ++t) {
-    // grad mode is thread-local: a worker thread has it on, and an in-place GEMM on a view made
-    // under the caller's no_grad, with W_enc requiring grad, would be an autograd error
-    at::NoGradGuard no_grad;
-    if (t < n_lat) {
-      const int64_t c0 = t * kLatents, nc = std::min(kLatents, F - c0);
-      dW.narrow(0, c0, nc).addmm_(Gb.narrow(1, c0, nc).t(), xt_b);
-      for (int64_t r = 0; r < nb; ++r)
-        for (int64_t c = c0; c < c0 + nc; ++c) dbp[c] += gp[r * F + c];
-    } else {
-      const int64_t r0 = (t - n_lat) * kRows, nr = std::min(kRows, nb - r0);
-      auto dx_r = dx_b.narrow(0, r0, nr);
-      dx_r.addmm_(Gb.narrow(0, r0, nr), W);
-    }
-  }
-}
-
+// The outputs are cut into fixed chunks, each written by one task: 128 latents of dW_enc (with
+// db_enc and the band sums of those latents) or 64 rows of dx. A task masks its slice of
+// dz = g [z > theta] into a small buffer (B x 128 or 64 x F) and runs one single-threaded GEMM
+// over the whole batch (K = B, not a block of rows: the GEMMs stay efficient and dW_enc is
+// written once). Column sums run over rows in order. So every output is the same bits for any
+// thread count, and no B x F buffer is allocated.
 template <typename T>
 std::vector<torch::Tensor> dense_backward_impl(const torch::Tensor& x, const torch::Tensor& W_enc,
                                                const torch::Tensor& b_dec, const torch::Tensor& z, const T* th,
                                                T bw, const torch::Tensor& g, bool need_dx) {
   at::NoGradGuard no_grad;
+  constexpr int64_t kLatents = 128, kRows = 64;
   const int64_t B = x.size(0), D = x.size(1), F = W_enc.size(0);
   auto xt = (x - b_dec).contiguous();
-  auto dW = torch::zeros({F, D}, W_enc.options());
+  auto dW = torch::empty({F, D}, W_enc.options());
   auto db = torch::zeros({F}, W_enc.options());
-  auto dx = need_dx ? torch::zeros({B, D}, x.options()) : torch::empty({0}, x.options());
+  auto dx = need_dx ? torch::empty({B, D}, x.options()) : torch::empty({0}, x.options());
   auto band_g = torch::zeros({F}, W_enc.options());  // sum over band rows of g_ij
   auto band_n = torch::zeros({F}, W_enc.options());  // band rows per latent
   const T* zp = z.data_ptr<T>();
   const T* gp = g.data_ptr<T>();
+  T* dbp = db.data_ptr<T>();
   T* bgp = band_g.data_ptr<T>();
   T* bnp = band_n.data_ptr<T>();
-  const int64_t bb = std::clamp<int64_t>((int64_t(1) << 21) / std::max<int64_t>(F, 1), 16, 1024);
-  auto G = torch::empty({std::min(bb, B), F}, x.options());
-  constexpr int64_t kCols = 256;
-  for (int64_t r0 = 0; r0 < B; r0 += bb) {
-    const int64_t nb = std::min(bb, B - r0);
-    auto Gb = G.narrow(0, 0, nb);
-    T* Gp = Gb.data_ptr<T>();
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < nb; ++r) {
-      const T* zr = zp + (r0 + r) * F;
-      const T* gr = gp + (r0 + r) * F;
-      T* out = Gp + r * F;
+  const int64_t n_lat = (F + kLatents - 1) / kLatents;
+  const int64_t n_row = need_dx ? (B + kRows - 1) / kRows : 0;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < n_lat + n_row; ++t) {
+    // grad mode is thread-local (on in a worker thread): GEMMs into views of our outputs must
+    // not be recorded, W_enc requires grad
+    at::NoGradGuard task_no_grad;
+    if (t < n_lat) {
+      const int64_t c0 = t * kLatents, nc = std::min(kLatents, F - c0);
+      auto Gc = torch::empty({B, nc}, x.options());
+      T* gc = Gc.data_ptr<T>();
+      T* dbc = dbp + c0;
+      T* bgc = bgp + c0;
+      T* bnc = bnp + c0;
+      for (int64_t i = 0; i < B; ++i) {  // rows in order; branch-free, vectorised over columns
+        const T* zr = zp + i * F + c0;
+        const T* gr = gp + i * F + c0;
+        T* out = gc + i * nc;
+        if (th == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < F; ++j) out[j] = zr[j] > threshold_of(th, j) ? gr[j] : T(0);
-    }
-    if (th != nullptr) {  // band sums by fixed column chunks, rows in order
-#pragma omp parallel for schedule(static)
-      for (int64_t c0 = 0; c0 < F; c0 += kCols) {
-        const int64_t c1 = std::min(F, c0 + kCols);
-        for (int64_t r = 0; r < nb; ++r) {
-          const T* zr = zp + (r0 + r) * F;
-          const T* gr = gp + (r0 + r) * F;
-          for (int64_t j = c0; j < c1; ++j) {
-            if (in_band(zr[j], th[j], bw)) {
-              bgp[j] += gr[j];
-              bnp[j] += T(1);
-            }
+          for (int64_t c = 0; c < nc; ++c) {
+            const T o = zr[c] > T(0) ? gr[c] : T(0);
+            out[c] = o;
+            dbc[c] += o;
+          }
+        } else {
+          const T* tc = th + c0;
+#pragma omp simd
+          for (int64_t c = 0; c < nc; ++c) {
+            const T v = zr[c], gv = gr[c];
+            const T o = v > tc[c] ? gv : T(0);
+            const bool band = in_band(v, tc[c], bw);
+            out[c] = o;
+            dbc[c] += o;
+            bgc[c] += band ? gv : T(0);
+            bnc[c] += band ? T(1) : T(0);
           }
         }
       }
+      auto dW_c = dW.narrow(0, c0, nc);
+      at::mm_out(dW_c, Gc.t(), xt);
+    } else {
+      const int64_t r0 = (t - n_lat) * kRows, nr = std::min(kRows, B - r0);
+      auto Gr = torch::empty({nr, F}, x.options());
+      T* gr_out = Gr.data_ptr<T>();
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* zr = zp + (r0 + r) * F;
+        const T* gr = gp + (r0 + r) * F;
+        T* out = gr_out + r * F;
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) out[j] = zr[j] > threshold_of(th, j) ? gr[j] : T(0);
+      }
+      auto dx_r = dx.narrow(0, r0, nr);
+      at::mm_out(dx_r, Gr, W_enc);
     }
-    block_gemms<T>(Gb, xt.narrow(0, r0, nb), W_enc, dW, db, need_dx ? dx.narrow(0, r0, nb) : torch::Tensor());
   }
   // the encoder's part of db_dec, -db @ W_enc, each output summed over latents in order
   auto db_dec = torch::zeros({D}, W_enc.options());
-  const T* dbp = db.data_ptr<T>();
   const T* wp = W_enc.data_ptr<T>();
   T* op = db_dec.data_ptr<T>();
   constexpr int64_t kD = 64;
