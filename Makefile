@@ -1,6 +1,7 @@
 # Two commands for a fresh clone (see README.md):
 #   make demo   set up, then train the built-in demo and print its table
-#   make test   set up, then run the test suite
+#   make test   set up, then run the test suite, then the interop tests against the real SAELens and
+#               sparsify in their own environment (test-peers)
 # Setup installs torch 2.14.1 (CUDA build: needed to compile the CUDA kernels), Triton, the
 # test tools and this package (--no-build-isolation) into .venv, or into the active
 # virtual environment when there is one.
@@ -17,7 +18,7 @@ STAMP := $(dir $(PY)).sparse_sae_setup
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: setup demo test bench bench-peers bench-suite clean
+.PHONY: setup demo test test-peers peers-env bench bench-peers bench-suite clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory test-peers
 
 # Benchmark against the peers (README "Benchmark"). The peers (sae-lens pulls transformers,
 # datasets, ...) go into their own environment, $(PEERS_VENV), so they cannot change the core
@@ -44,12 +46,37 @@ PEERS_VENV ?= .venv-peers
 PEERS_PY := $(abspath $(PEERS_VENV))/bin/python
 BENCH_ARGS ?= --threads 2 --steps 7 --warmup 2
 
-bench-peers: setup
+PEERS_STAMP := $(abspath $(PEERS_VENV))/.sparse_sae_peers
+
+bench-peers: peers-env
+	$(PEERS_PY) -c "import sparse_sae, sparsify, overcomplete, sae_lens; print('peers ready')"
+
+peers-env: $(PEERS_STAMP)
+
+$(PEERS_STAMP): bench/peers/requirements.txt $(STAMP)
 	@test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install --upgrade pip
-	$(PEERS_PY) -m pip install "torch==$(TORCH_VERSION)" numpy "safetensors>=0.4" tqdm -r bench/peers/requirements.txt
+	$(PEERS_PY) -m pip install "torch==$(TORCH_VERSION)" numpy "safetensors>=0.4" tqdm "pytest>=8" "pytest-benchmark>=4" \
+		-r bench/peers/requirements.txt
 	echo "$(CURDIR)" > "$$($(PEERS_PY) -c 'import site; print(site.getsitepackages()[0])')/sparse_sae_checkout.pth"
-	$(PEERS_PY) -c "import sparse_sae, sparsify, overcomplete, sae_lens; print('peers ready')"
+	$(PEERS_PY) -c "import sparse_sae, sparsify, sae_lens"
+	@touch $@
+
+# Interop checked against SAELens's and sparsify's own loaders (tests/peers), in the peers'
+# environment. Where it cannot be built (no network, a broken release) the tests are skipped and
+# the skip says why (pytest's exit status 5, nothing collected, is then expected); once it is
+# built, a failing test fails `make test`.
+PEERS_LOG := build/peers-env.log
+
+test-peers: setup
+	@mkdir -p build
+	@if $(MAKE) --no-print-directory peers-env > $(PEERS_LOG) 2>&1; then \
+		$(PEERS_PY) -m pytest tests/peers; \
+	else \
+		echo "could not build $(PEERS_VENV) (log: $(PEERS_LOG)):"; grep -v '^WARNING' $(PEERS_LOG) | tail -n 5; \
+		SPARSE_SAE_PEERS_UNAVAILABLE="building $(PEERS_VENV) failed: $$(grep -v -e '^WARNING' -e '^make' $(PEERS_LOG) | tail -n 1)" \
+			$(PY) -m pytest tests/peers || test $$? -eq 5; \
+	fi
 
 # Runs the CPU suite (with the peers when `make bench-peers` was run) and rewrites the README table.
 bench-suite: setup

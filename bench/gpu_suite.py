@@ -4,11 +4,14 @@ replaces, measured side by side in one run, bf16, B = 4096.
 - encode (Triton) vs ``torch.mm`` on the same GEMM: TFLOP/s and % of mm (target >= 85%);
 - sparse decode forward and backward vs ``F.embedding_bag`` (forward; autograd backward);
 - the full training step (forward, backward, Adam): plain Top-k, Top-k with both paper
-  penalties, and the dense-autograd implementation of bench/dense_topk.py: time and peak
+  penalties, the trainer's default configuration (fp32 master weights, bf16 autocast, fused
+  Adam), and the dense-autograd implementation of bench/dense_topk.py: time and peak
   memory (``torch.cuda.max_memory_allocated`` growth over setup). Targets: regularized <= 1.25x
   plain; >= 3x faster than dense; <= 0.5x dense memory;
 - select (the CUDA op) vs ``torch.topk`` plus the passes it replaces (bitmap, fired counts, row
   norms over the batch-active set) at F in {32768, 131072, 1048576}: target >= 2x.
+
+Each measured stage is printed next to its floor from bench/roofline.py (a model).
 
 Timing: CUDA events, warm-up, median of repetitions. Shapes: D in {1024, 4096}, F in {32768,
 131072}, k in {32, 128}. Each pair is first checked for agreement. Writes JSON to the given
@@ -33,6 +36,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dense_topk import DenseTopKSAE  # noqa: E402
+from roofline import stage_floors, step_floors  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
 from sparse_sae import ops, reference  # noqa: E402
@@ -88,6 +92,7 @@ def bench_encode(B, D, F, dev, dtype, timer, tol):
     t_mm = timer(lambda: torch.mm(xc, W.T))
     flops = 2 * B * D * F
     return dict(op="encode", B=B, D=D, F=F, backend=backend_for("encode", x.device), ms=t_ours, mm_ms=t_mm,
+                floor_ms=stage_floors(B, D, F, 1)["encode"],
                 tflops=flops / t_ours / 1e9, mm_tflops=flops / t_mm / 1e9, pct_of_mm=100 * t_mm / t_ours)
 
 
@@ -122,20 +127,29 @@ def bench_decode(B, D, F, k, dev, dtype, timer, tol):
 
 # ----------------------------------------------------------------------------- training step
 def make_step(variant, B, D, F, k, dev, dtype):
+    """One training step of ``variant``. ``trainer_default`` is what ``sparse-sae train`` runs by
+    default: both penalties, float32 parameters and Adam state, bf16 autocast on the GPU (the
+    other variants hold their parameters in ``dtype``)."""
     torch.manual_seed(0)
-    if variant == "dense_regularized":
+    autocast = variant == "trainer_default" and dev.type == "cuda"
+    if variant == "trainer_default":
+        model = S.TopKSAE(D, F, k, [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)], device=dev)
+        loss_of = lambda x: model(x).loss  # noqa: E731
+        dtype = torch.float32
+    elif variant == "dense_regularized":
         model = DenseTopKSAE(D, F, k, COEF_OFF, COEF_RATIO, dtype=dtype, device=dev)
         loss_of = lambda x: model(x)[0]  # noqa: E731
     else:
         pens = [] if variant == "ours_topk" else [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)]
         model = S.TopKSAE(D, F, k, pens, dtype=dtype, device=dev)
         loss_of = lambda x: model(x).loss  # noqa: E731
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
     x = torch.randn(B, D, device=dev, dtype=dtype, generator=torch.Generator(device=dev).manual_seed(2))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(x)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(x)
         loss.backward()
         opt.step()
         return loss
@@ -145,7 +159,7 @@ def make_step(variant, B, D, F, k, dev, dtype):
 
 def bench_step(B, D, F, k, dev, dtype, timer):
     row = dict(op="train_step", B=B, D=D, F=F, k=k)
-    for variant in ("ours_topk", "ours_regularized", "dense_regularized"):
+    for variant in ("ours_topk", "ours_regularized", "trainer_default", "dense_regularized"):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.synchronize()
@@ -164,6 +178,8 @@ def bench_step(B, D, F, k, dev, dtype, timer):
         row[f"{variant}_ms"] = timer(step)
         del step
     row["reg_over_plain"] = row["ours_regularized_ms"] / row["ours_topk_ms"]
+    row["trainer_default_over_reg"] = row["trainer_default_ms"] / row["ours_regularized_ms"]
+    row["plain_floor_ms"], row["reg_floor_ms"] = step_floors(stage_floors(B, D, F, k))
     row["dense_over_reg"] = row["dense_regularized_ms"] / row["ours_regularized_ms"]
     if dev.type == "cuda":
         row["reg_mem_over_dense"] = row["ours_regularized_peak_mb"] / row["dense_regularized_peak_mb"]
@@ -197,6 +213,7 @@ def bench_select(B, F, k, dev, dtype, timer, tol):
     t_sel = timer(lambda: ops.select(h, k))
     t_seq = timer(lambda: topk_sequence(h, k))
     return dict(op="select", B=B, F=F, k=k, backend=backend_for("select", h.device), ms=t_sel, topk_seq_ms=t_seq,
+                floor_ms=stage_floors(B, 1, F, k)["select"],
                 speedup=t_seq / t_sel)
 
 
@@ -218,11 +235,14 @@ def table(rows, dry_run) -> str:
         ok = value >= target if higher else value <= target
         return f"{value:.2f} ({'meets' if ok else 'MISSES'} {'>=' if higher else '<='} {target})"
 
+    def floor(r):   # bench/roofline.py's floor for the stage, next to the measured time
+        return "" if dry_run else f"; {r['ms']:.3f} ms, floor {r['floor_ms']:.3f} ms (a model)"
+
     lines = [f"{'row':<44} result vs target"]
     for r in rows:
         if r["op"] == "encode":
             name = f"encode D={r['D']} F={r['F']} (% of mm)"
-            lines.append(f"{name:<44} {verdict(r['pct_of_mm'], TARGETS['encode_pct_of_mm'], True)}")
+            lines.append(f"{name:<44} {verdict(r['pct_of_mm'], TARGETS['encode_pct_of_mm'], True)}{floor(r)}")
         elif r["op"] == "sparse_decode":
             name = f"decode D={r['D']} F={r['F']} k={r['k']} fwd/bwd x"
             lines.append(f"{name:<44} " + ("dry run (not a measurement)" if dry_run else
@@ -231,12 +251,16 @@ def table(rows, dry_run) -> str:
             s = f"D={r['D']} F={r['F']} k={r['k']}"
             lines.append(f"{'step ' + s + ' reg/plain':<44} {verdict(r['reg_over_plain'], TARGETS['reg_over_plain'], False)}")
             lines.append(f"{'step ' + s + ' dense/reg':<44} {verdict(r['dense_over_reg'], TARGETS['dense_over_reg'], True)}")
+            if not dry_run:
+                lines.append(f"{'step ' + s + ' ms vs floor':<44} plain {r['ours_topk_ms']:.2f} (floor "
+                             f"{r['plain_floor_ms']:.2f}), regularized {r['ours_regularized_ms']:.2f} (floor "
+                             f"{r['reg_floor_ms']:.2f}), trainer default {r['trainer_default_ms']:.2f}")
             if "reg_mem_over_dense" in r:
                 lines.append(f"{'step ' + s + ' mem reg/dense':<44} "
                              f"{verdict(r['reg_mem_over_dense'], TARGETS['reg_mem_over_dense'], False)}")
         elif r["op"] == "select":
             name = f"select F={r['F']} k={r['k']} (topk seq / select)"
-            lines.append(f"{name:<44} {verdict(r['speedup'], TARGETS['select_speedup'], True)}")
+            lines.append(f"{name:<44} {verdict(r['speedup'], TARGETS['select_speedup'], True)}{floor(r)}")
     return "\n".join(lines)
 
 

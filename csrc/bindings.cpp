@@ -38,7 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_cpu", &sparse_sae::select_cpu,
         "Top-k / BatchTopK / threshold selection with its statistics (see sparse_sae/ops/select.py)",
         py::arg("h"), py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"),
-        py::arg("k_aux"));
+        py::arg("k_aux"), py::arg("norms") = true);
   m.def("penalty_backward_cpu", &sparse_sae::penalty_backward_cpu,
         "Encoder gradients from the rebuilt penalty gradient plus a sparse gradient",
         py::arg("x"), py::arg("W_enc"), py::arg("b_dec"), py::arg("h"), py::arg("active"), py::arg("n1"),
@@ -52,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b_dec"), py::arg("z"), py::arg("theta"), py::arg("bandwidth"), py::arg("grad"), py::arg("need_dx"));
 #ifdef SPARSE_SAE_WITH_CUDA
   m.def("select_cuda", &sparse_sae::select_cuda, "select_cpu's contract on CUDA tensors", py::arg("h"),
-        py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"), py::arg("k_aux"));
+        py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"), py::arg("k_aux"),
+        py::arg("norms") = true);
   m.def("group_by_latent_cuda", &sparse_sae::group_by_latent_cuda,
         "Entries grouped by latent: (start[F + 1], entry ids)", py::arg("indices"), py::arg("n_latents"));
 #endif

@@ -15,9 +15,10 @@ std::vector<torch::Tensor> sparse_decode_backward_cpu(const torch::Tensor& grad,
                                                       const torch::Tensor& indices, const torch::Tensor& W_dec);
 
 // Returns {values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices}.
+// Without `norms`, n1 and n2 are zeros and no pass over h computes them (plain Top-k).
 std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                       const std::optional<torch::Tensor>& threshold,
-                                      const std::optional<torch::Tensor>& dead, int64_t k_aux);
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms);
 
 // Returns {dW_enc, db_enc, db_dec, dx}; dx is empty unless need_dx.
 std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const torch::Tensor& W_enc,
@@ -44,7 +45,7 @@ std::vector<torch::Tensor> threshold_dense_backward_cpu(const torch::Tensor& x, 
 // CUDA selection (select_cuda.cpp); same outputs as select_cpu, with float32 norms.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead, int64_t k_aux);
+                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms);
 // Entries of `indices` grouped by latent: {start (F + 1), entry ids (row-major within a latent)}.
 std::vector<torch::Tensor> group_by_latent_cuda(const torch::Tensor& indices, int64_t F);
 #endif

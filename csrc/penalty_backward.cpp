@@ -286,7 +286,10 @@ std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const to
                   n1.scalar_type() == dt && n2.scalar_type() == dt && sp_grad.scalar_type() == dt,
               "x, W_enc, b_dec, h, n1, n2 and sp_grad must share a dtype");
   TORCH_CHECK(x.size(1) == W_enc.size(1), "x and W_enc must have the same width D");
-  TORCH_CHECK(h.size(0) == x.size(0) && h.size(1) == W_enc.size(0), "h must be B x F");
+  // h is read only for the penalty terms: plain Top-k passes an empty one (it never keeps h)
+  TORCH_CHECK((h.size(0) == x.size(0) && h.size(1) == W_enc.size(0)) ||
+                  (h.numel() == 0 && !coef_off.has_value() && !coef_ratio.has_value()),
+              "h must be B x F (it may be empty only without penalty terms)");
   TORCH_CHECK(active.scalar_type() == torch::kBool && active.numel() == W_enc.size(0), "active must be F bools");
   TORCH_CHECK(sp_indices.scalar_type() == torch::kInt64, "sp_indices must be int64");
   TORCH_CHECK(sp_indices.sizes() == sp_grad.sizes() && sp_indices.size(0) == x.size(0),

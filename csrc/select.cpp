@@ -120,7 +120,7 @@ struct RowStats {
 // One pass per row for Top-k: selection buffer, row sums and the AuxK buffer.
 template <typename T>
 void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* indices, const bool* dead,
-               int64_t k_aux, T* aux_values, int64_t* aux_indices, RowStats<T>& stats) {
+               int64_t k_aux, T* aux_values, int64_t* aux_indices, RowStats<T>& stats, bool norms) {
 #pragma omp parallel
   {
     TopKBuffer<T> heap, aux;
@@ -131,7 +131,7 @@ void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* 
       heap.reset(k);
       aux.reset(dead ? k_aux : 0);
       stats.sum[i] = stats.sq[i] = 0;
-      vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
+      if (norms) vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
       for (int64_t j = 0; j < F; ++j) heap.push(row[j], j);
       if (dead)
         for (int64_t j = 0; j < F; ++j)
@@ -145,7 +145,7 @@ void topk_rows(const T* h, int64_t B, int64_t F, int64_t k, T* values, int64_t* 
 // Sums and AuxK heaps for the packing modes, in a pass of their own.
 template <typename T>
 void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_aux, T* aux_values,
-                  int64_t* aux_indices, RowStats<T>& stats) {
+                  int64_t* aux_indices, RowStats<T>& stats, bool norms) {
 #pragma omp parallel
   {
     TopKBuffer<T> aux;
@@ -154,7 +154,7 @@ void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_
       const T* row = h + i * F;
       aux.reset(dead ? k_aux : 0);
       stats.sum[i] = stats.sq[i] = 0;
-      vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
+      if (norms) vec::row_sums(row, F, &stats.sum[i], &stats.sq[i]);
       if (dead)
         for (int64_t j = 0; j < F; ++j)
           if (dead[j]) aux.push(row[j], j);
@@ -195,7 +195,7 @@ std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
 template <typename T>
 std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead_t, int64_t k_aux) {
+                                       const std::optional<torch::Tensor>& dead_t, int64_t k_aux, bool norms) {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   const int64_t B = h.size(0), F = h.size(1);
   const T* hp = h.data_ptr<T>();
@@ -212,9 +212,11 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const 
     values = torch::empty({B, k}, opts);
     indices = torch::empty({B, k}, opts.dtype(torch::kInt64));
     topk_rows<T>(hp, B, F, k, values.data_ptr<T>(), indices.data_ptr<int64_t>(), dead, k_aux,
-                 aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats);
+                 aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats, norms);
   } else {
-    sums_and_aux<T>(hp, B, F, dead, k_aux, aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats);
+    if (dead || norms)
+      sums_and_aux<T>(hp, B, F, dead, k_aux, aux_values.data_ptr<T>(), aux_indices.data_ptr<int64_t>(), stats,
+                      norms);
     // which entries of each row are selected: key > cut, or key == cut for the first
     // take_eq[i] such entries of row i (ties to the lower flat index)
     std::vector<int64_t> take_eq(B, 0), count(B, 0);
@@ -296,6 +298,11 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const 
   for (int64_t j = 0; j < F; ++j) (ap[j] ? act : inactive).push_back(j);
   const bool subtract = inactive.size() <= act.size();
   const std::vector<int64_t>& cols = subtract ? inactive : act;
+  if (!norms) {  // plain Top-k reads no norm: zeros, and no pass over h for them
+    auto row_threshold = W > 0 ? std::get<0>(values.min(1)).clamp_min(0) : torch::zeros({B}, opts);
+    return {values, indices, row_threshold, active, fired, torch::zeros({B}, acc), torch::zeros({B}, acc),
+            aux_values, aux_indices};
+  }
   torch::Tensor n1 = torch::empty({B}, acc), n2 = torch::empty({B}, acc);
   T* n1p = n1.data_ptr<T>();  // the accumulation dtype is T itself for float and double
   T* n2p = n2.data_ptr<T>();
@@ -322,7 +329,7 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const 
 
 std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                       const std::optional<torch::Tensor>& threshold,
-                                      const std::optional<torch::Tensor>& dead, int64_t k_aux) {
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms) {
   SAE_CHECK_CPU(h);
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
@@ -343,7 +350,7 @@ std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const s
   }
   std::vector<torch::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "select_cpu", [&] {
-    out = select_impl<scalar_t>(h, k, mode, width, threshold, dead, k_aux);
+    out = select_impl<scalar_t>(h, k, mode, width, threshold, dead, k_aux, norms);
   });
   return out;
 }

@@ -30,7 +30,7 @@ static SelectDtype select_dtype(const torch::Tensor& h) {
 // exceed kMaxSelect entries in some row.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead, int64_t k_aux) {
+                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms) {
   TORCH_CHECK(h.is_cuda(), "h must be a CUDA tensor");
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
@@ -110,11 +110,12 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
   auto bitmap = torch::zeros({(F + 31) / 32}, opts.dtype(torch::kInt32));
   auto fired = torch::zeros({F}, i64);
   auto acc = opts.dtype(torch::kFloat32);
-  auto n1 = torch::empty({B}, acc), n2 = torch::empty({B}, acc);
+  auto n1 = norms ? torch::empty({B}, acc) : torch::zeros({B}, acc);
+  auto n2 = norms ? torch::empty({B}, acc) : torch::zeros({B}, acc);
   a.bitmap = reinterpret_cast<unsigned int*>(bitmap.data_ptr<int32_t>());
   a.fired = reinterpret_cast<unsigned long long*>(fired.data_ptr<int64_t>());
-  a.n1 = n1.data_ptr<float>();
-  a.n2 = n2.data_ptr<float>();
+  a.n1 = norms ? n1.data_ptr<float>() : nullptr;  // null: no norms pass (plain Top-k)
+  a.n2 = norms ? n2.data_ptr<float>() : nullptr;
   SAE_CUDA_OK(select_cuda_launch(a, stream));
   auto row_threshold = std::get<0>(values.min(1)).clamp_min(0);
   return {values, indices, row_threshold, fired.gt(0), fired, n1, n2, aux_values, aux_indices};

@@ -5,18 +5,26 @@ A checkpoint is a directory ``<out_dir>/checkpoints/step_<N>/`` holding
 - ``sae_weights.safetensors`` and ``config.json``: the SAE as :func:`sparse_sae.save` writes it
   (input scale not folded, so training resumes on the same parameters);
 - ``train_config.json``: the :class:`~sparse_sae.config.TrainConfig`;
-- ``trainer_state.pt``: the optimizer state, the step, the data position and the RNG states.
+- ``trainer_state.pt``: the optimizer state, the step, the data position and the RNG states;
+- ``manifest.json``, written last: each other file's size and sha256.
 
 It is written under a temporary name and renamed into place; then ``<out_dir>/checkpoints/latest``
 (a one-line file naming it) is replaced atomically. A crash at any point leaves the previous
 checkpoint and ``latest`` intact. Older checkpoints beyond ``keep`` are removed afterwards.
+
+Resuming checks the manifest: a checkpoint damaged later (a truncated file, a flipped bit on
+disk, an emptied file) is reported, naming the file and what is wrong, and the newest intact
+checkpoint of the run is used instead, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +34,15 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "sparse_sae.checkpoint"
+
+
+class Checkpoint(NamedTuple):
+    path: Path
+    sae: object
+    train_config: dict
+    state: dict
 
 
 def checkpoint_root(out_dir) -> Path:
@@ -54,13 +71,15 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    sae.save(tmp, fold_input_scale=False)
-    (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
-    torch.save(state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        sae.save(tmp, fold_input_scale=False)
+        _atomic_write(tmp / TRAIN_CONFIG_FILE, lambda p: p.write_text(json.dumps(train_config, indent=2) + "\n"))
+        _atomic_write(tmp / STATE_FILE, lambda p: _torch_save(state, p))
+        _atomic_write(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(_manifest(tmp, step), indent=2) + "\n"))
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)     # a failed save leaves no half checkpoint behind
+        raise
     if final.exists():                      # re-saving the same step (e.g. after a resume)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -68,6 +87,111 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     _atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     _prune(root, keep, final.name)
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    # through a Python file: a failed write then raises an OSError that names the cause (torch
+    # writing to a path reports only "enforce fail at inline_container.cc")
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(ckpt: Path, step: int) -> dict:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    return {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
+
+
+def verify_checkpoint(ckpt) -> str | None:
+    """What is wrong with checkpoint directory ``ckpt`` against its manifest (a file missing, of the
+    wrong size or with the wrong sha256), or None when it is intact. A checkpoint written before
+    manifests existed has nothing to check against: None (loading it is the test)."""
+    ckpt = Path(ckpt)
+    manifest_path = ckpt / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a checkpoint manifest")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return f"{manifest_path} is unreadable ({exc})"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{path} has {size} bytes, the manifest says {want.get('size')} (truncated?)"
+        if _sha256(path) != want.get("sha256"):
+            return f"{path} does not match its sha256 in the manifest (corrupted on disk)"
+    return None
+
+
+def _read_checkpoint(ckpt: Path, device) -> Checkpoint:
+    from sparse_sae.serialization import load
+
+    problem = verify_checkpoint(ckpt)
+    if problem is not None:
+        raise ValueError(problem)
+    try:
+        train_config = json.loads((ckpt / TRAIN_CONFIG_FILE).read_text())
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        sae = load(ckpt, device=device)
+    except FileNotFoundError as exc:
+        raise ValueError(f"checkpoint {ckpt} is incomplete: {exc}") from exc
+    except (ValueError, RuntimeError, EOFError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {' '.join(str(exc).split())}") from exc
+    if not isinstance(train_config, dict) or not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {TRAIN_CONFIG_FILE} or {STATE_FILE} has the wrong "
+                         f"structure")
+    return Checkpoint(ckpt, sae, train_config, state)
+
+
+def _candidates(path: Path) -> list:
+    """A run's checkpoints, the one ``latest`` names first, then the others newest first."""
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    done = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    marker = root / LATEST
+    if marker.is_file():
+        target = root / marker.read_text().strip()
+        if target in done:
+            done.remove(target)
+            done.insert(0, target)
+    return done
+
+
+def read_checkpoint(path, device=None) -> Checkpoint:
+    """The checkpoint at ``path``, checked against its manifest and loaded. ``path`` is a checkpoint
+    directory (used as is; an error if damaged) or a run directory: its latest checkpoint, or,
+    when that one is damaged, the newest intact one, with a warning naming what is wrong."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() or (path / MANIFEST_FILE).is_file():
+        return _read_checkpoint(path, device)
+    problems = []
+    for ckpt in _candidates(path):
+        try:
+            found = _read_checkpoint(ckpt, device)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(f"damaged checkpoint(s) skipped: {'; '.join(problems)}. Resuming from {ckpt}, the "
+                          f"newest intact checkpoint", stacklevel=2)
+        return found
+    if problems:
+        raise ValueError(f"no intact checkpoint in {path}: {'; '.join(problems)}")
+    raise FileNotFoundError(f"no checkpoint found at {path} (expected a run directory with "
+                            f"{CHECKPOINTS}/{LATEST}, or a step_* checkpoint directory)")
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
@@ -94,19 +218,6 @@ def latest_checkpoint(path) -> Path | None:
 
 
 def load_checkpoint(path, device=None) -> tuple:
-    """``(sae, train_config_dict, state)`` of the checkpoint at ``path`` (see :func:`latest_checkpoint`)."""
-    from sparse_sae.serialization import load
-
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint found at {path} (expected a run directory with "
-                                f"{CHECKPOINTS}/{LATEST}, or a step_* checkpoint directory)")
-    try:
-        train_config = json.loads((ckpt / TRAIN_CONFIG_FILE).read_text())
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        sae = load(ckpt, device=device)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete: {exc}") from exc
-    except (ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"checkpoint {ckpt} is unreadable: {exc}") from exc
-    return sae, train_config, state
+    """``(sae, train_config_dict, state)`` of the checkpoint at ``path`` (see :func:`read_checkpoint`)."""
+    ckpt = read_checkpoint(path, device=device)
+    return ckpt.sae, ckpt.train_config, ckpt.state

@@ -1,12 +1,14 @@
 """The ``sparse-sae`` command line (also ``python -m sparse_sae``).
 
-Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``eval``, ``bench``, ``info``.
+Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``import``, ``eval``, ``features``, ``bench``, ``info``.
 ``eval`` and ``bench`` come from :mod:`sparse_sae.eval.cli` and :mod:`sparse_sae.bench.cli`
 (each providing ``add_parser(subparsers)``) when those are installed; until then the
 subcommand says it is not available and exits with status 2.
 
-Errors in what the user gave (paths, settings, data) print one line and exit with status 1;
-``SPARSE_SAE_DEBUG=1`` shows the traceback instead.
+Errors in what the user gave or in the environment (paths, settings, data, a damaged file, a
+full disk, a permission) print one line, ``sparse-sae COMMAND: error: ...``, and exit with
+status 1; ``--debug`` (or ``SPARSE_SAE_DEBUG=1``) shows the traceback instead. Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import importlib
 import os
 import sys
 import typing
+import warnings
 
 EPILOG = """\
 A first session:
@@ -23,6 +26,8 @@ A first session:
   sparse-sae train --data acts/ --k 32 --expansion-factor 16 --steps 20000 --out-dir runs/dino
   sparse-sae train --resume runs/dino               # continue an interrupted run
   sparse-sae export runs/dino/final saelens out/    # or sparsify
+  sparse-sae import saelens lens_sae/ my_sae/       # or sparsify: back to sparse_sae
+  sparse-sae features runs/dino acts/ --out site/dino --latents 500   # browse each latent's top examples
   torchrun --nproc-per-node 8 -m sparse_sae train --config run.json   # data-parallel
 
 Run `sparse-sae COMMAND --help` for each command's options.
@@ -95,31 +100,34 @@ def _add_train_parser(sub) -> None:
 
 
 def _train(args) -> int:
-    from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint
+    from sparse_sae.checkpoint import read_checkpoint
     from sparse_sae.config import TrainConfig
-    from sparse_sae.train import NonFiniteLossError, Trainer
+    from sparse_sae.train import NonFiniteLossError, Trainer, run_dir_of
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "func", "command")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "resume", "func", "command", "debug")}
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
+    resume = args.resume
+    if resume:
+        ckpt = read_checkpoint(resume)          # the newest intact checkpoint, warning about damaged ones
+        resume = ckpt.path
+        run_dir = run_dir_of(ckpt.path)
+        if run_dir is not None:                 # a resumed run writes into its own directory, wherever it now is
+            overrides.setdefault("out_dir", str(run_dir))
     if args.resume and not args.config:
-        ckpt = latest_checkpoint(args.resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint found at {args.resume}")
-        _, saved, _ = load_checkpoint(ckpt)
-        saved["out_dir"] = str(ckpt.parent.parent)      # the run directory, wherever it now is
-        cfg = TrainConfig.from_dict({**saved, **overrides}, source=f"checkpoint {args.resume}")
+        cfg = TrainConfig.from_dict({**ckpt.train_config, **overrides}, source=f"checkpoint {args.resume}")
     elif args.config:
         cfg = TrainConfig.from_file(args.config, **overrides)
     else:
         cfg = TrainConfig.from_dict(overrides, source="flags")
     if cfg.data is None:
         raise ValueError("no training data: give --data PATH or data in the config file")
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=resume)
     try:
         metrics = trainer.fit()
     except NonFiniteLossError as exc:
-        print(f"sparse-sae train: {exc}", file=sys.stderr)
+        print(f"sparse-sae train: error: {exc}", file=sys.stderr)
         return 1
     finally:
         from sparse_sae import distributed
@@ -175,14 +183,21 @@ def _extract(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------- export
+# ---------------------------------------------------------------------------------------- export / import
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a saved SAE in the SAELens or EleutherAI sparsify format",
                        description="Convert an SAE saved by sparse_sae (e.g. RUN_DIR/final) to another tool's "
-                                   "on-disk format. The input scale is folded into the weights.")
-    p.add_argument("sae", help="directory of a saved sparse_sae SAE (config.json + sae_weights.safetensors)")
+                                   "on-disk format, and print what the conversion drops or changes. The input "
+                                   "scale is folded into the weights. OUT_DIR must not hold another SAE.")
+    p.add_argument("sae", help="directory of a saved sparse_sae SAE (config.json + sae_weights.safetensors), or "
+                               "a run directory (its final SAE)")
     p.add_argument("format", choices=["saelens", "sparsify"])
     p.add_argument("out_dir")
+    p.add_argument("--hook-name", help="saelens: metadata hook_name (default: the layer that `extract` recorded "
+                                       "for the training data, or the one an import kept)")
+    p.add_argument("--model-name", help="saelens: metadata model_name (default: the model that `extract` "
+                                        "recorded for the training data, or the one an import kept)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the same format in OUT_DIR")
     p.set_defaults(func=_export)
 
 
@@ -190,15 +205,72 @@ def _export(args) -> int:
     from pathlib import Path
 
     from sparse_sae import interop
-    from sparse_sae.serialization import CONFIG_FILE, load
+    from sparse_sae.serialization import CONFIG_FILE, load, saved_activations
 
     path = Path(args.sae)
     if not (path / CONFIG_FILE).exists() and (path / "final" / CONFIG_FILE).exists():
         path = path / "final"            # a run directory: its final SAE
     sae = load(path)
-    (interop.to_saelens if args.format == "saelens" else interop.to_sparsify)(sae, args.out_dir)
+    lines = []
+    if args.format == "saelens":
+        names = interop.saelens_names(saved_activations(path))
+        if args.hook_name is not None:
+            names["hook_name"] = args.hook_name
+        if args.model_name is not None:
+            names["model_name"] = args.model_name
+        interop.to_saelens(sae, args.out_dir, overwrite=args.overwrite, **names)
+        for key in ("model_name", "hook_name"):
+            value = names[key]
+            if value is None:
+                lines.append(f"metadata {key}: none recorded for this SAE's data; pass --{key.replace('_', '-')}")
+            else:
+                where = "given" if getattr(args, key) is not None else "recorded with the SAE"
+                lines.append(f"metadata {key}: {value!r} ({where})")
+        if args.hook_name is None and str(names["hook_name"]).startswith("hidden_states."):
+            lines.append("  (the transformers hidden-state index; pass --hook-name for the hook your SAELens code "
+                         "uses, e.g. blocks.8.hook_resid_post)")
+    else:
+        if args.hook_name is not None or args.model_name is not None:
+            raise ValueError("--hook-name and --model-name apply to saelens; sparsify's format has no place for them")
+        interop.to_sparsify(sae, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {type(sae).__name__} ({sae.d_in} -> {sae.n_latents}) in {args.format} format to {args.out_dir}")
+    for line in lines + interop.export_notes(sae, args.format):
+        print(f"  {line}")
     return 0
+
+
+def _add_import_parser(sub) -> None:
+    p = sub.add_parser("import", help="read a SAELens or EleutherAI sparsify SAE and save it as a sparse_sae SAE",
+                       description="Convert an SAE saved by SAELens (save_model / save_inference_model) or by "
+                                   "sparsify (save_to_disk) to sparse_sae's format (load it with sparse_sae.load), "
+                                   "and print what the conversion drops or changes. A config key that might change "
+                                   "what the SAE computes and that sparse_sae does not understand is an error.")
+    p.add_argument("format", choices=["saelens", "sparsify"])
+    p.add_argument("path", help="the SAELens or sparsify SAE directory (cfg.json + weights)")
+    p.add_argument("out_dir", help="where to save the sparse_sae SAE (must not hold another SAE)")
+    p.add_argument("--overwrite", action="store_true", help="replace a sparse_sae SAE already in OUT_DIR")
+    p.set_defaults(func=_import_sae)
+
+
+def _import_sae(args) -> int:
+    from sparse_sae import interop
+
+    interop.check_target(args.out_dir, "sparse_sae", args.overwrite)
+    imported = (interop.read_saelens if args.format == "saelens" else interop.read_sparsify)(args.path)
+    sae = imported.sae
+    sae.save(args.out_dir, activations=imported.activations)
+    print(f"imported {args.format} SAE as {type(sae).__name__} ({sae.d_in} -> {sae.n_latents}) to {args.out_dir}")
+    kept = ", ".join(f"{k}={v!r}" for k, v in imported.activations.items())
+    for line in ([f"kept {kept}"] if kept else []) + imported.notes:
+        print(f"  {line}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- features
+def _add_features_parser(sub) -> None:
+    from sparse_sae.features.cli import add_parser
+
+    add_parser(sub)
 
 
 # ---------------------------------------------------------------------------------------- eval / bench
@@ -251,22 +323,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_parser(sub)
     _add_train_parser(sub)
     _add_export_parser(sub)
+    _add_import_parser(sub)
     _add_optional_parser(sub, "eval", "sparse_sae.eval.cli", "evaluate a saved SAE on a data source")
+    _add_features_parser(sub)
     _add_optional_parser(sub, "bench", "sparse_sae.bench.cli", "benchmark the kernels against the peers")
     info = sub.add_parser("info", help="print what was built and which backend each op uses")
     info.set_defaults(func=_info)
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():        # also after the command: sparse-sae train ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+# Errors of the user's input or of the environment: one line. Everything else is a bug: a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: typing.Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as exc:
-        if os.environ.get("SPARSE_SAE_DEBUG"):
-            raise
-        print(f"sparse-sae {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    debug = args.debug or bool(os.environ.get("SPARSE_SAE_DEBUG"))
+    with warnings.catch_warnings():
+        if not debug:                            # a warning is one line too
+            warnings.showwarning = lambda message, *_a, **_k: print(
+                f"sparse-sae {args.command}: warning: {_one_line(str(message))}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except USER_ERRORS as exc:
+            if debug:
+                raise
+            print(f"sparse-sae {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

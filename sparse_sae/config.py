@@ -17,7 +17,7 @@ ARCHITECTURE_NAMES = {"topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "relu": "R
 
 # Fields that may change between a checkpoint and its resumption; every other field must match.
 RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                        "tensorboard", "data", "device"})
+                        "tensorboard", "data", "device", "skip_nonfinite"})
 
 
 @dataclass
@@ -29,11 +29,13 @@ class TrainConfig:
     data_key: str | None = None        # tensor name inside the shards (default: the only one there)
     memory_budget_mb: float = 1024.0   # rows held in memory at once for shuffling
     shuffle: bool = True               # shuffle rows (within the memory budget)
+    skip_nonfinite: bool = False       # drop data rows holding NaN/Inf (counted as skipped_rows in the metrics) instead of stopping
     # --- model
     architecture: str = "topk"         # topk | batchtopk | relu | jumprelu
     n_latents: int | None = None       # SAE width; default expansion_factor * d_in
     expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
     k: int = 32                        # active latents per row (topk, batchtopk)
+    max_k_per_row: int | None = None   # batchtopk: most entries a row keeps (a fixed code width: no host sync per step on a GPU)
     off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo
     l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo
     decoder_norm_l1: float = 0.0       # l1 weighted by decoder norms (all; usual for relu)
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"off_support_l1 and l1_l2_ratio apply to topk and batchtopk, not {self.architecture}")
         if self.l0 and self.architecture != "jumprelu":
             raise ValueError(f"l0 applies to jumprelu only, not {self.architecture}")
+        if self.max_k_per_row is not None and self.architecture != "batchtopk":
+            raise ValueError(f"max_k_per_row applies to batchtopk only, not {self.architecture}")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -181,6 +185,8 @@ class TrainConfig:
             if self.k > n:
                 raise ValueError(f"k={self.k} exceeds the number of latents {n}")
             auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
+            if self.architecture == "batchtopk":
+                kwargs["max_k_per_row"] = self.max_k_per_row
             return cls(d_in, n, self.k, penalties, auxk=auxk, **kwargs)
         return cls(d_in, n, penalties, **kwargs)
 

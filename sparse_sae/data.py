@@ -13,11 +13,15 @@ are permuted, consecutive blocks fill a buffer of at most ``memory_budget_mb`` a
 rows are permuted. Every batch is a pure function of ``(seed, epoch, position)``, so the state
 ``{"epoch", "position"}`` resumes the stream exactly, and a data-parallel rank takes its slice of
 the same global batch.
+
+Rows holding NaN or Inf stop the loader with :class:`NonFiniteDataError`, naming the file and
+its rows; ``skip_nonfinite=True`` drops such rows from their batch instead and counts them.
 """
 from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +49,32 @@ class ActivationSource:
     def head(self, n: int) -> torch.Tensor:
         """The first ``min(n, n_rows)`` rows (for ``b_dec`` initialisation and input scaling)."""
         return self.rows(0, min(n, self.n_rows))
+
+    def locate(self, row: int) -> tuple:
+        """``(name, local_row)``: the file (or object) holding global row ``row``, and its row there."""
+        return "(in-memory tensor)", row
+
+
+class NonFiniteDataError(ValueError):
+    """Activation rows hold NaN or Inf."""
+
+
+def check_finite_rows(source: ActivationSource, start: int, rows: torch.Tensor, what: str = "activation data",
+                      hint: str = "") -> None:
+    """Raises :class:`NonFiniteDataError` if ``rows`` (rows ``start..`` of ``source``) hold NaN or Inf,
+    naming the file and the range of bad rows in it."""
+    if bool(torch.isfinite(rows.sum())):      # one pass, no mask: the usual case (a sum that overflows
+        return                                # without NaN/Inf is left to the exact check below)
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if not bool(bad.any()):
+        return
+    where = (bad.nonzero().flatten() + start).tolist()
+    name, first = source.locate(where[0])
+    in_file = [r for r in where if source.locate(r)[0] == name]
+    last = source.locate(in_file[-1])[1]
+    span = f"row {first}" if first == last else f"rows {first}-{last}"
+    raise NonFiniteDataError(f"{what} {name} has NaN or Inf in {span} ({len(in_file)} bad row(s) there; rows "
+                             f"count from 0){hint}")
 
 
 class TensorSource(ActivationSource):
@@ -81,6 +111,10 @@ class _Concat(ActivationSource):
         self.n_rows = int(self._offsets[-1])
         if self.n_rows == 0:
             raise ValueError(f"activation data has no rows ({', '.join(self._names)})")
+
+    def locate(self, row):
+        i = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        return self._names[i], row - int(self._offsets[i])
 
     def rows(self, start, stop):
         out, pos = [], start
@@ -170,6 +204,23 @@ class ShardSource(_Concat):
         super().__init__(parts, [str(p) for p in paths])
 
 
+EXTRACT_METADATA = "metadata.json"      # written by `sparse-sae extract` beside its shards
+
+
+def activations_metadata(data) -> dict:
+    """Where the activations in ``data`` come from (``model``, ``layer``, ``tokens``, ``kind``), as
+    ``sparse-sae extract`` recorded them in the directory's ``metadata.json``; empty for other data."""
+    if not isinstance(data, (str, Path)) or not (Path(data) / EXTRACT_METADATA).is_file():
+        return {}
+    try:
+        meta = json.loads((Path(data) / EXTRACT_METADATA).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}                    # describes the data only; a damaged file must not stop training
+    if not isinstance(meta, dict):
+        return {}
+    return {k: meta[k] for k in ("model", "layer", "tokens", "kind") if meta.get(k) is not None}
+
+
 def open_source(data, key: str | None = None) -> ActivationSource:
     """An :class:`ActivationSource` from a tensor, an ``ActivationSource``, a ``.npy`` file, a
     directory of ``.npy`` files or a directory of safetensors shards."""
@@ -196,6 +247,10 @@ def open_source(data, key: str | None = None) -> ActivationSource:
     except PermissionError as exc:
         raise PermissionError(f"activation data directory {path} is not readable: {exc}") from exc
     if any(p.suffix == SHARD_SUFFIX for p in entries):
+        ignored = [p.name for p in entries if p.suffix == ".npy"]
+        if ignored:
+            warnings.warn(f"{path} holds safetensors shards and .npy files; only the shards are read, ignoring "
+                          f"{', '.join(ignored)}", stacklevel=2)
         return ShardSource(path, key)
     npys = [p for p in entries if p.suffix == ".npy"]
     if npys:
@@ -209,11 +264,14 @@ class ActivationLoader:
     ``memory_budget_mb`` bounds the rows held at once (the shuffle buffer); ``block_rows`` is the
     size of the contiguous runs read from disk. ``rank``/``world_size`` take this process's slice
     of each global batch. ``state_dict()``/``load_state_dict()`` save and restore the position.
+    Rows with NaN or Inf raise :class:`NonFiniteDataError` when read, unless ``skip_nonfinite``:
+    then they are dropped from their batch (which comes out shorter) and counted in
+    ``skipped_rows`` (over the global batch, so every rank agrees).
     """
 
     def __init__(self, source: ActivationSource, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  memory_budget_mb: float = 1024, block_rows: int | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, skip_nonfinite: bool = False):
         self.source = source
         self.batch_size = check_int(batch_size, "batch_size", 1)
         self.world_size = check_int(world_size, "world_size", 1)
@@ -226,13 +284,14 @@ class ActivationLoader:
         budget_rows = int(memory_budget_mb * 2**20) // (4 * source.d)
         self.buffer_rows = max(min(budget_rows, source.n_rows), min(batch_size, source.n_rows), 1)
         self.block_rows = block_rows or max(1, self.buffer_rows // 16)
-        self.epoch, self.position = 0, 0
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.epoch, self.position, self.skipped_rows = 0, 0, 0
         self._cache_key, self._cache, self._planned_epoch = None, None, None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "n_rows": self.source.n_rows}
+                "n_rows": self.source.n_rows, "skipped_rows": self.skipped_rows}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "n_rows"):
@@ -241,6 +300,7 @@ class ActivationLoader:
                 raise ValueError(f"data position saved for {key}={state[key]}, but this run has "
                                  f"{key}={self.source.n_rows if key == 'n_rows' else getattr(self, key)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.skipped_rows = int(state.get("skipped_rows", 0))
 
     # ------------------------------------------------------------------ order
     def _block_order(self, epoch: int) -> torch.Tensor:
@@ -258,7 +318,11 @@ class ActivationLoader:
         pieces = []
         for b in self._order[first:last].tolist():
             start = b * self.block_rows
-            pieces.append(self.source.rows(start, min(start + self.block_rows, self.source.n_rows)))
+            piece = self.source.rows(start, min(start + self.block_rows, self.source.n_rows))
+            if not self.skip_nonfinite:
+                check_finite_rows(self.source, start, piece, hint="; fix the data, or drop such rows with "
+                                  "skip_nonfinite (--skip-nonfinite)")
+            pieces.append(piece)
         rows = torch.cat(pieces)
         if self.shuffle:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
@@ -304,7 +368,14 @@ class ActivationLoader:
         """This process's rows of the next global batch (``batch_size / world_size`` rows)."""
         batch = self._take(self.batch_size)
         per = self.batch_size // self.world_size
-        return batch[self.rank * per:(self.rank + 1) * per]
+        mine = batch[self.rank * per:(self.rank + 1) * per]
+        if self.skip_nonfinite:
+            finite = torch.isfinite(batch).all(dim=1)
+            n_bad = int((~finite).sum())
+            if n_bad:
+                self.skipped_rows += n_bad
+                mine = mine[finite[self.rank * per:(self.rank + 1) * per]]
+        return mine
 
     def __iter__(self):
         while True:

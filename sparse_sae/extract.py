@@ -10,6 +10,10 @@ shards that :class:`sparse_sae.data.ShardSource` reads.
 embeddings, negative counts from the end) or a module name (``encoder.layer.5.mlp``; the module's
 output is taken with a forward hook).
 
+Next to the shards goes the examples sidecar (:mod:`sparse_sae.features.sidecar`): the document,
+position and token of every text row, the image and patch of every image row, for the feature
+browser (``sparse-sae features``).
+
 Models load from a local directory or the local Hugging Face cache only; nothing is downloaded.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from sparse_sae.features.sidecar import SidecarWriter
 from sparse_sae.serialization import _atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -151,9 +156,14 @@ def parse_layer(layer):
         return str(layer)
 
 
+def _n_prefix(config) -> int:
+    """Tokens before the patches: CLS and register tokens (none for SigLIP)."""
+    return 0 if getattr(config, "model_type", "") in NO_CLS else 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
 def _select_vision_tokens(h: torch.Tensor, tokens: str, config) -> torch.Tensor:
     model_type = getattr(config, "model_type", "")
-    n_prefix = 0 if model_type in NO_CLS else 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    n_prefix = _n_prefix(config)
     if tokens == "cls":
         if n_prefix == 0:
             raise ValueError(f"{model_type} image encoders have no CLS token; use --tokens patch or all")
@@ -185,6 +195,59 @@ def _image_batches(files, processor, batch_size: int) -> Iterator[dict]:
             except (UnidentifiedImageError, OSError) as exc:
                 raise ValueError(f"cannot read image {p}: {exc}") from exc
         yield processor(images=images, return_tensors="pt")
+
+
+def _image_records(first_image: int, n_images: int, n_tokens: int, tokens: str, config) -> torch.Tensor:
+    """Sidecar records ``(image, patch)`` of one batch's rows, in the order of
+    :func:`_select_vision_tokens` (patch -1: a CLS or register token)."""
+    n_prefix = _n_prefix(config)
+    patch = torch.arange(n_tokens) - n_prefix             # prefix tokens come out negative
+    if tokens == "cls":
+        patch = patch[:1]
+    elif tokens == "patch":
+        patch = patch[n_prefix:]
+    patch = patch.clamp(min=-1)
+    image = torch.arange(first_image, first_image + n_images)
+    return torch.stack([image.repeat_interleave(patch.numel()), patch.repeat(n_images)], 1)
+
+
+def _image_info(files, root: Path, processor, config, pixel_values, n_tokens: int) -> dict:
+    """What the sidecar's image ids mean: paths, the patch grid and how images were fitted."""
+    ps = getattr(config, "patch_size", None)
+    ps = ps[0] if isinstance(ps, (list, tuple)) else ps
+    grid = None
+    if ps and pixel_values is not None:
+        gh, gw = pixel_values.shape[-2] // ps, pixel_values.shape[-1] // ps
+        if gh * gw == n_tokens - _n_prefix(config):
+            grid = [gh, gw]
+    info = {"root": str(root.resolve()), "images": [str(p.relative_to(root)) for p in files], "grid": grid,
+            "crop": "center" if getattr(processor, "do_center_crop", False) else "stretch"}
+    if info["crop"] == "center":      # resize the shortest edge, then cut the centre: the browser redoes it
+        crop = getattr(processor, "crop_size", None)
+        info["shortest_edge"] = _size_of(getattr(processor, "size", None), "shortest_edge")
+        info["crop_size"] = [_size_of(crop, "height"), _size_of(crop, "width")] if crop is not None else None
+    return info
+
+
+def _size_of(size, key):
+    """A field of an image processor's size (a dict, or a SizeDict in recent transformers)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def token_strings(tokenizer, ids) -> dict:
+    """``str(id) -> display string`` with the token's leading space where it starts a word: each
+    token is decoded after a plain word and that word's text is cut off (decoding a lone token
+    drops the space in SentencePiece and WordPiece tokenizers)."""
+    lone = {i: tokenizer.decode([i]) for i in ids}
+    anchor = next((i for i in ids if lone[i].strip().isalnum()), None)
+    out = {}
+    for i in ids:
+        text = lone[i]
+        if anchor is not None:
+            pair, head = tokenizer.decode([anchor, i]), lone[anchor]
+            text = pair[len(head):] if pair.startswith(head) else text
+        out[str(i)] = text
+    return out
 
 
 def _text_batches(lines, tokenizer, batch_size: int, max_length: int) -> Iterator[dict]:
@@ -234,15 +297,36 @@ def extract(model: str, inputs, out_dir, layer, *, tokens: str = "all", batch_si
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         batches, total = _text_batches(lines, tokenizer, batch_size, max_length), -(-len(lines) // batch_size)
-    for batch in tqdm(batches, total=total, desc=f"extract {Path(str(model)).name}", disable=not progress):
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        if kind == "vision":
-            batch["pixel_values"] = batch["pixel_values"].to(net.dtype)
-        h = _layer_output(net, layer, batch)
-        if kind == "vision":
-            rows = _select_vision_tokens(h, tokens, config)
-        else:
-            mask = batch["attention_mask"].bool()
-            rows = h[mask]
-        writer.add(rows.float())
+    sidecar = SidecarWriter(out_dir, "text" if kind == "language" else "image")
+    seen_tokens, first, last_pixels, n_tokens = set(), 0, None, 0
+    try:
+        for batch in tqdm(batches, total=total, desc=f"extract {Path(str(model)).name}", disable=not progress):
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            if kind == "vision":
+                batch["pixel_values"] = batch["pixel_values"].to(net.dtype)
+            h = _layer_output(net, layer, batch)
+            n_items = h.shape[0]
+            if kind == "vision":
+                rows = _select_vision_tokens(h, tokens, config)
+                sidecar.add(_image_records(first, n_items, h.shape[1], tokens, config).numpy())
+                last_pixels, n_tokens = batch["pixel_values"], h.shape[1]
+            else:
+                mask = batch["attention_mask"].bool()
+                rows = h[mask]
+                # the sidecar: document, position among its kept tokens, token id (row-major like h[mask])
+                pos = mask.long().cumsum(1) - 1
+                doc = torch.arange(first, first + n_items, device=mask.device)[:, None].expand_as(mask)
+                ids = batch["input_ids"]
+                sidecar.add(torch.stack([doc[mask], pos[mask], ids[mask]], 1).cpu().numpy())
+                seen_tokens.update(ids[mask].unique().tolist())
+            first += n_items
+            writer.add(rows.float())
+    except BaseException:
+        sidecar.abort()
+        raise
+    if kind == "vision":
+        info = _image_info(files, inputs, processor, config, last_pixels, n_tokens)
+    else:
+        info = {"tokens": token_strings(tokenizer, sorted(seen_tokens))}
+    sidecar.close(**info)
     return writer.close()

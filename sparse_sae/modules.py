@@ -92,6 +92,9 @@ class SparseAutoencoder(nn.Module):
             input_scale = float(input_scale)
         self.input_scale = input_scale
         self.check_inputs = check_inputs
+        # whether forward checks x for NaN/Inf: a host synchronisation per call on a GPU; the
+        # trainer turns it off, as its loader checks every row on the host first
+        self.check_finite = True
         self.penalties = self._check_penalties(penalties)
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory))
@@ -137,8 +140,20 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ forward helpers
     def _prepare(self, x):
         if self.check_inputs and not torch.compiler.is_compiling():
-            check_activations(x, self.d_in, self.W_enc)
+            check_activations(x, self.d_in, self.W_enc, check_finite=self.check_finite)
         return x * self.input_scale if self.input_scale is not None else x
+
+    @staticmethod
+    def _autocast(*tensors):
+        """The tensors in the autocast dtype when autocast is on for their device (float32 ones
+        only): autocast does not cast the inputs of ``torch.library`` custom ops, so the module
+        does, and the kernels then run in bf16/fp16 with fp32 accumulation. Parameters stay
+        float32 (master weights); their gradients come back through the cast in float32."""
+        device = tensors[0].device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return tensors
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
 
     def _unscale(self, recon):
         return recon / self.input_scale if self.input_scale is not None else recon
@@ -177,7 +192,8 @@ class SparseAutoencoder(nn.Module):
         """``a @ W_dec + b_dec`` for the code ``(values, indices)``, in input units."""
         if self.check_inputs:
             check_code(values, indices, self.n_latents, self.W_dec)
-        return self._unscale(ops.sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, self.b_dec))
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
+        return self._unscale(ops.sparse_decode(values.to(W_dec.dtype), indices, W_dec, b_dec))
 
     def dense_code(self, values, indices):
         """The ``B x F`` code with ``values`` at ``indices``."""
@@ -211,11 +227,11 @@ class SparseAutoencoder(nn.Module):
                 "penalties": [p.to_config() for p in self.penalties], "recon_loss": self.recon_loss,
                 "input_scale": self.input_scale}
 
-    def save(self, directory, fold_input_scale: bool = True) -> None:
+    def save(self, directory, fold_input_scale: bool = True, activations: dict | None = None) -> None:
         """Writes ``sae_weights.safetensors`` and ``config.json`` to ``directory``; see
         :func:`sparse_sae.save`."""
         from sparse_sae.serialization import save
-        save(self, directory, fold_input_scale=fold_input_scale)
+        save(self, directory, fold_input_scale=fold_input_scale, activations=activations)
 
     @classmethod
     def load(cls, directory, device=None):
@@ -264,16 +280,18 @@ class TopKSAE(SparseAutoencoder):
         xs = self._prepare(x)
         dead = self.dead_mask(self.auxk.dead_after_tokens) if (self.auxk is not None and self.training) else None
         ratio = self.penalty(L1L2Ratio)
-        code = ops.topk_code(xs, self.W_enc, self.b_enc, self.b_dec, self.k, self._select_mode(),
+        code = ops.topk_code(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec), self.k, self._select_mode(),
                              self._width() if self.mode != "topk" else 0, dead, self.k_aux,
-                             ratio.eps if ratio is not None else reference.RATIO_EPS)
+                             ratio.eps if ratio is not None else reference.RATIO_EPS,
+                             any(isinstance(p, (OffSupportL1, L1L2Ratio)) for p in self.penalties))
         aux = (code.aux_values, code.aux_indices, dead) if dead is not None else None
         return self._finish(xs, code.values, code.indices, code.fired, code.off_support_l1, code.l1_l2_ratio, aux)
 
     def _finish(self, xs, values, indices, fired, r_off, r_ratio, aux) -> SAEOutput:
         """Decodes, adds the loss terms and tracks firing. ``aux`` is ``(aux_values, aux_indices,
         dead)`` or None."""
-        recon = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
+        recon = ops.sparse_decode(values, indices, W_dec, b_dec)
         losses = {"recon": self._recon_term(xs, recon)}
         for p in self.penalties:
             if isinstance(p, OffSupportL1):
@@ -286,7 +304,7 @@ class TopKSAE(SparseAutoencoder):
         if aux is not None:
             aux_values, aux_indices, dead = aux
             e = (xs - recon).detach()
-            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, torch.zeros_like(self.b_dec))
+            e_hat = ops.sparse_decode(aux_values, aux_indices, W_dec, torch.zeros_like(b_dec))
             aux = reference.fvu_ref(e, e_hat)
             losses["auxk"] = torch.where(dead.any(), aux, torch.zeros_like(aux))
             loss = loss + self.auxk.coef * losses["auxk"]
@@ -389,7 +407,7 @@ class BatchTopKSAE(TopKSAE):
                 self._update_threshold(out.values)
             return out
         xs = self._prepare(x)
-        h = ops.encode(xs, self.W_enc, self.b_enc, self.b_dec)
+        h = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec))
         sel = ops.select(h.detach(), mode="threshold", width=self._width(),
                          threshold=self.threshold.to(h.dtype).expand(self.n_latents))
         values = h.gather(1, sel.indices) * (sel.values > 0)
@@ -400,12 +418,12 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values) -> None:
+        """Running estimate of the smallest selected value, on the device (no host sync); a batch
+        that selects nothing positive leaves it unchanged."""
         pos = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min().to(torch.float64)
-        if not torch.isfinite(pos):
-            return
         m = self.threshold_momentum
         new = torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos)
-        self.threshold.copy_(new)
+        self.threshold.copy_(torch.where(torch.isfinite(pos), new, self.threshold))
 
     def config(self) -> dict:
         cfg = super().config()
@@ -431,12 +449,15 @@ class ReLUSAE(SparseAutoencoder):
     def forward(self, x) -> SAEOutput:
         xs = self._prepare(x)
         theta = self._theta()
-        code = ops.threshold_code(xs, self.W_enc, self.b_enc, self.b_dec, theta,
+        # autocast does not reach custom ops: the module casts (theta too: the op takes one dtype)
+        cast = self._autocast(xs, self.W_enc, self.b_enc, self.b_dec, *(() if theta is None else (theta,)))
+        code = ops.threshold_code(*cast[:4], cast[4] if theta is not None else None,
                                   getattr(self, "bandwidth", 1e-3), self.code_regime)
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
         B = xs.shape[0]
         if code.is_dense:
             a = code.dense
-            recon = a @ self.W_dec + self.b_dec
+            recon = a @ W_dec + b_dec
             decoded = {"code": a}
             def decoder_norm_l1():
                 return (a * self.W_dec.norm(dim=1)).sum() / B
@@ -446,7 +467,7 @@ class ReLUSAE(SparseAutoencoder):
             if code.band_values.shape[1] > 0:
                 values = torch.cat([values, code.band_values], 1)
                 indices = torch.cat([indices, code.band_indices], 1)
-            recon = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            recon = ops.sparse_decode(values, indices, W_dec, b_dec)
             decoded = {"values": code.values, "indices": code.indices}
             def decoder_norm_l1():
                 # summed by latent first (index_add_, whose backward is a gather): the gradient of

@@ -258,11 +258,14 @@ def penalty_backward_ref(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad
                          coef_off=None, coef_ratio=None, eps: float = RATIO_EPS, need_dx: bool = False):
     """Encoder gradients from ``G = G_pen + G_sparse``.
 
-    ``G_pen`` is :func:`penalty_grad_ref`; ``G_sparse`` holds ``sp_grad[i, j]`` (``dL/dz``,
+    ``G_pen`` is :func:`penalty_grad_ref` (none when ``h`` is None: no penalty term); ``G_sparse`` holds ``sp_grad[i, j]`` (``dL/dz``,
     already zero where ``h = 0``) at column ``sp_indices[i, j]``, duplicates summed.
     Returns ``(dW_enc, db_enc, db_dec, dx)``.
     """
-    G = penalty_grad_ref(h, active, n1, n2, coef_off, coef_ratio, eps)
+    if h is None:   # no penalty term: the sparse part alone
+        G = torch.zeros(x.shape[0], W_enc.shape[0], dtype=n1.dtype, device=x.device)
+    else:
+        G = penalty_grad_ref(h, active, n1, n2, coef_off, coef_ratio, eps)
     G = G.scatter_add(1, sp_indices, sp_grad.to(G.dtype))
     return encoder_grads_ref(G, x, W_enc, b_dec, need_dx)
 

@@ -11,6 +11,10 @@ on GPU, data parallelism, metrics, checkpoints and an exact resume.
 On the CPU a resumed run reproduces the uninterrupted run's losses bit for bit: the parameters,
 the optimizer moments, the dead-latent counters, the data position and the RNG states are all
 in the checkpoint, and the schedules are functions of the step.
+
+A run directory belongs to one process at a time (:class:`~sparse_sae.run_lock.RunLock`, taken by
+the main process for the trainer's life); a new run refuses a directory that already holds a
+run's checkpoints, final SAE or metrics, and a resumed run writes only into its own directory.
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_sae import distributed
-from sparse_sae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sparse_sae.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
 from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, open_source
+from sparse_sae.data import ActivationLoader, NonFiniteDataError, activations_metadata, check_finite_rows, open_source
 from sparse_sae.metrics_log import MetricsLog
+from sparse_sae.prefetch import PrefetchingLoader
+from sparse_sae.run_lock import RunLock, RunLockedError
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -61,6 +67,35 @@ def input_scale_for(rows: torch.Tensor) -> float:
     if not math.isfinite(norm) or norm <= 0:
         raise ValueError(f"cannot normalise inputs: the mean row norm of the data is {norm}")
     return 1.0 / norm
+
+
+def run_dir_of(resume) -> Path | None:
+    """The run directory that ``resume`` (a run directory or one of its checkpoints) belongs to;
+    None for a checkpoint directory that stands alone."""
+    path = Path(resume)
+    if (path / CHECKPOINTS).is_dir():
+        return path
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return None
+
+
+def _run_contents(out_dir) -> list:
+    """What in ``out_dir`` belongs to a run: checkpoints, a final SAE, metrics."""
+    out = Path(out_dir)
+    found = []
+    root = out / CHECKPOINTS
+    if root.is_dir() and any(p.name.startswith("step_") or p.name == "latest" for p in root.iterdir()):
+        found.append("checkpoints")
+    if (out / FINAL_DIR).is_dir() and any((out / FINAL_DIR).iterdir()):
+        found.append("a final SAE")
+    if (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size > 0:
+        found.append("metrics")
+    return found
+
+
+def _same_dir(a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -97,14 +132,56 @@ class Trainer:
         if data is None:
             raise ValueError("no training data: pass data= or set cfg.data to a path")
         self.source = open_source(data, cfg.data_key)
+        if cfg.batch_size > self.source.n_rows:
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {self.source.n_rows} rows of the data: every "
+                             f"batch would repeat rows; lower batch_size or add data")
+        self.activations = activations_metadata(data)     # kept with the final SAE, for export
+        if resume is not None and cfg.out_dir is not None:
+            run_dir = run_dir_of(resume)
+            if run_dir is not None and not _same_dir(run_dir, cfg.out_dir):
+                raise ValueError(f"cannot resume {resume} into out_dir {cfg.out_dir}: a resumed run writes only "
+                                 f"into its own run directory; set out_dir to {run_dir} (or leave it unset on "
+                                 f"the command line)")
+        self._lock = RunLock(cfg.out_dir) if cfg.out_dir is not None and self.ctx.is_main else None
+        self._take_run_dir()
+        try:
+            self._setup(sae, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _take_run_dir(self) -> None:
+        """The main process locks ``out_dir``; every process learns whether it got it."""
+        error = None
+        if self._lock is not None:
+            try:
+                self._lock.acquire()
+            except RunLockedError as exc:
+                error = exc
+        if self.ctx.enabled and self.cfg.out_dir is not None:
+            refused = torch.tensor([0 if error is None else 1], device=self.device)
+            if int(distributed.all_reduce_sum(refused, self.ctx)) and error is None:
+                error = RunLockedError(f"{self.cfg.out_dir} is in use by another run (the main process was refused "
+                                       f"its lock)")
+        if error is not None:
+            raise error
+
+    def release(self) -> None:
+        """Gives up the run directory (done at the end of :meth:`fit`; the OS does it on a crash)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, sae, resume) -> None:
+        cfg = self.cfg
         self.step = 0
         state = None
+        self.last_checkpoint = None
         if resume is not None:
             self.sae, state = self._restore(resume)
         elif sae is not None:
             self.sae = sae.to(self.device)
         else:
-            head = self.source.head(32768)
+            head = self._finite(self.source.head(32768)) if cfg.normalize_inputs or cfg.init_b_dec else None
             scale = input_scale_for(head) if cfg.normalize_inputs else None
             torch.manual_seed(cfg.seed)
             self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device)
@@ -113,23 +190,33 @@ class Trainer:
         if self.sae.d_in != self.source.d:
             raise ValueError(f"the activation data has width {self.source.d} but the SAE expects "
                              f"d_in={self.sae.d_in}")
-        self.loader = ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                                       memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
-                                       world_size=self.ctx.world_size)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                          **({"fused": True} if fused else {}))
+        # batches are read, shuffled, checked and copied to the device ahead of the step
+        self.loader = PrefetchingLoader(
+            ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                             memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
+                             world_size=self.ctx.world_size, skip_nonfinite=cfg.skip_nonfinite),
+            self.device, self.sae.W_enc.dtype)
+        # fused Adam (CPU and CUDA) takes found_inf: a step with a non-finite loss is skipped on the
+        # device, with no host synchronisation; the run stops at the next log step or checkpoint
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # the loader checks every row on the host (check_finite_rows), so the module's own finite
+        # check, a host synchronisation per step on a GPU, is not needed here
+        self.sae.check_finite = False
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["data"])
             self.step = int(state["step"])
             _set_rng_state(state["rng"], self.device)
         self.autocast = cfg.autocast and self.device.type == "cuda"
-        self.last_checkpoint = latest_checkpoint(resume) if resume is not None else None
         self.checkpoint_step = self.step if resume is not None else None
-        if resume is None and cfg.out_dir is not None and latest_checkpoint(cfg.out_dir) is not None:
-            raise FileExistsError(f"{cfg.out_dir} already holds a run with checkpoints; resume it (--resume "
-                                  f"{cfg.out_dir}) or choose another out_dir")
+        fresh = resume is None or run_dir_of(resume) is None
+        found = _run_contents(cfg.out_dir) if fresh and cfg.out_dir is not None else []
+        if found:
+            advice = (f"resume it (--resume {cfg.out_dir})" if "checkpoints" in found
+                      else "it has no checkpoint to resume: remove its files")
+            raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}); {advice} or choose "
+                                  f"another out_dir")
         self.metrics = {}
         self._log = None
         if cfg.out_dir is not None and self.ctx.is_main:
@@ -137,9 +224,24 @@ class Trainer:
             self._log = MetricsLog(out / METRICS_FILE, out / "tensorboard" if cfg.tensorboard else None,
                                    truncate_after=self.step if resume is not None else 0)
 
+    def _finite(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the first rows of the data) without NaN/Inf rows, or an error naming them."""
+        if self.cfg.skip_nonfinite:
+            return rows[torch.isfinite(rows).all(dim=1)]
+        check_finite_rows(self.source, 0, rows, hint="; fix the data, or drop such rows with skip_nonfinite "
+                                                     "(--skip-nonfinite)")
+        return rows
+
+    def _last_good(self) -> str:
+        return (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                else "no checkpoint was written yet")
+
     # ------------------------------------------------------------------ resume
     def _restore(self, resume):
-        sae, saved_cfg, state = load_checkpoint(resume, device=self.device)
+        ckpt = read_checkpoint(resume, device=self.device)
+        sae, saved_cfg, state = ckpt.sae, ckpt.train_config, ckpt.state
+        self.last_checkpoint = ckpt.path
+        resume = ckpt.path
         try:
             saved = TrainConfig.from_dict(saved_cfg, source=f"checkpoint {resume}")
         except (TypeError, ValueError) as exc:
@@ -163,6 +265,7 @@ class Trainer:
         """Writes a checkpoint of the current step (main process only)."""
         if self.cfg.out_dir is None:
             return None
+        self.check_finite_steps()   # never checkpoint past a skipped, non-finite step
         if self.ctx.is_main:
             self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, self.sae, self.cfg.to_dict(),
                                                    self.state_dict(), keep=self.cfg.keep_checkpoints)
@@ -186,6 +289,14 @@ class Trainer:
             loss = loss + sae.auxk.coef * losses["auxk"]
         return loss
 
+    def check_finite_steps(self) -> None:
+        """Stops the run if a step since the last check had a non-finite loss (its update was
+        skipped). One host synchronisation: called on log steps, before a checkpoint and at the end."""
+        bad = int(self._first_nonfinite)
+        if bad >= 0:
+            raise NonFiniteLossError(f"non-finite loss at step {bad}; training stopped, {self._last_good()}. Try a "
+                                     f"lower lr (now {self.cfg.lr}) or check the data.")
+
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimizer step on this process's rows ``x``; returns the step's loss terms."""
         sae, cfg, step = self.sae, self.cfg, self.step
@@ -202,11 +313,9 @@ class Trainer:
         finite = torch.isfinite(loss.detach())
         if self.ctx.enabled:
             finite = distributed.all_reduce_sum(finite.to(torch.int32), self.ctx) == self.ctx.world_size
-        if not bool(finite):
-            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
-                     else "no checkpoint was written yet")
-            raise NonFiniteLossError(f"non-finite loss {float(loss.detach())} at step {step + 1}; training "
-                                     f"stopped, {where}. Try a lower lr (now {cfg.lr}) or check the data.")
+        # no host sync: the first bad step is remembered on the device, its update skipped
+        self._first_nonfinite = torch.where(finite | (self._first_nonfinite >= 0), self._first_nonfinite, step + 1)
+        self.optimizer.found_inf = (~finite).to(torch.float32)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.all_reduce_gradients(sae.parameters(), self.ctx)
@@ -225,6 +334,8 @@ class Trainer:
                "l0": float(out.l0()),
                "dead": float(sae.dead_mask(self.cfg.dead_after_tokens).float().mean()),
                "lr": self.optimizer.param_groups[0]["lr"], "rows_per_s": rows_per_s}
+        if self.cfg.skip_nonfinite:
+            rec["skipped_rows"] = self.loader.skipped_rows
         for name, value in out.losses.items():
             if name != "recon":
                 rec[name] = float(value.detach())
@@ -236,6 +347,7 @@ class Trainer:
         saves the final SAE (input scale folded in) to ``<out_dir>/final``. Returns the last metrics
         with the throughput in rows per second."""
         cfg, sae = self.cfg, self.sae
+        self._take_run_dir()         # again, if a previous fit() gave it up
         sae.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=False,
                    disable=not (cfg.progress and self.ctx.is_main))
@@ -245,11 +357,16 @@ class Trainer:
             torch.set_flush_denormal(True)
         try:
             while self.step < cfg.steps:
-                x = self.loader.next_batch().to(self.device, sae.W_enc.dtype, non_blocking=True)
+                try:
+                    x = self.loader.next_batch()
+                except NonFiniteDataError as exc:
+                    raise NonFiniteDataError(f"{exc}. Training stopped while reading the batch of step "
+                                             f"{self.step + 1}; {self._last_good()}") from None
                 result = self.train_step(x)
                 rows += x.shape[0] * self.ctx.world_size
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.check_finite_steps()
                     elapsed = time.perf_counter() - start
                     self.metrics = self._record(result, rows / elapsed if elapsed > 0 else math.inf)
                     bar.set_postfix({k: f"{self.metrics[k]:.3g}" for k in ("loss", "fvu", "l0", "dead")})
@@ -263,14 +380,16 @@ class Trainer:
                 if self.checkpoint_step != self.step:
                     self.save_checkpoint()
                 if self.ctx.is_main:
-                    sae.save(Path(cfg.out_dir) / FINAL_DIR)
+                    sae.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
         finally:
+            self.loader.close()
             if flush:
                 torch.set_flush_denormal(False)
             bar.close()
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            self.release()
         elapsed = time.perf_counter() - start
         self.metrics["rows_per_s"] = rows / elapsed if elapsed > 0 else math.inf
         return self.metrics

@@ -96,3 +96,16 @@ def test_cpu_step_soft_rows(tmp_path):
         for v in ("ours_topk", "ours_relu", "dense_relu", "ours_jumprelu", "dense_jumprelu"):
             assert r[v]["median_ms"] > 0
     assert "| jumprelu |" in (tmp_path / "cpu_step_soft.md").read_text()
+
+
+def test_roofline_floors_from_first_principles():
+    """The floors are max(FLOPs / peak, bytes / bandwidth): checked here against the arithmetic
+    written out for one compute-bound and one memory-bound stage."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from roofline import stage_floors, step_floors
+    B, D, F, k = 4096, 4096, 131072, 32
+    f = stage_floors(B, D, F, k, "bf16", tflops=1000.0, tbps=5.0)
+    assert f["encode"] == pytest.approx(2 * B * D * F / 1e15 * 1e3)          # compute-bound
+    assert f["adam"] == pytest.approx((2 * F * D + F + D) * 28 / 5e12 * 1e3)  # memory-bound
+    plain, reg = step_floors(f)
+    assert reg - plain == pytest.approx(f["penalty_gemm"]) and plain == pytest.approx(sum(f.values()) - f["penalty_gemm"])

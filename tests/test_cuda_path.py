@@ -37,14 +37,14 @@ class _FakeCudaSelect:
     def __init__(self, cap):
         self.max_select, self.calls = cap, []
 
-    def select_cuda(self, h, k, mode, width, threshold, dead, k_aux):
+    def select_cuda(self, h, k, mode, width, threshold, dead, k_aux, norms):
         self.calls.append(dict(mode=mode, k=k, width=width, dead=dead, k_aux=k_aux))
         if mode != "topk" and width <= 0:
             sel = threshold[None, :] < h if mode == "threshold" else None
             counts = sel.sum(1) if sel is not None else _select_reference(h, k, mode, 0, None, None, 0)[4]
             if sel is not None and int(counts.max()) > self.max_select:
                 return []
-        return list(_C.select_cpu(h, k, mode, width, threshold, dead, k_aux))
+        return list(_C.select_cpu(h, k, mode, width, threshold, dead, k_aux, norms))
 
 
 def _assert_same(got, want, skip=()):

@@ -147,7 +147,12 @@ def _sample_calls(gen):
     yield torch.ops.sparse_sae.penalty_backward.default, (
         x, W_enc.detach(), b_dec.detach(), h, s.active, s.n1, s.n2, s.indices, rand(gen, B, k),
         torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64), 1e-6, True)
-    yield torch.ops.sparse_sae.topk_code.default, (x, W_enc, b_enc, b_dec, k, "topk", 0, dead, 2, 1e-6)
+    yield torch.ops.sparse_sae.penalty_backward.default, (      # plain Top-k: no h, no penalty terms
+        x, W_enc.detach(), b_dec.detach(), None, s.active, s.n1, s.n2, s.indices, rand(gen, B, k), None, None,
+        1e-6, False)
+    yield torch.ops.sparse_sae.select.default, (h, k, "topk", 0, None, dead, 2, False)
+    yield torch.ops.sparse_sae.topk_code.default, (x, W_enc, b_enc, b_dec, k, "topk", 0, dead, 2, 1e-6, True)
+    yield torch.ops.sparse_sae.topk_code.default, (x, W_enc, b_enc, b_dec, k, "topk", 0, dead, 2, 1e-6, False)
 
 
 def test_opcheck_every_op(gen):

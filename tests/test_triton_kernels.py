@@ -303,6 +303,53 @@ def test_penalty_gemm_compiles_for_sm90_with_wgmma(has_off, config, sparse_steps
         assert "async_copy_global_to_local" in k.asm["ttgir"], "the K loop is not pipelined"
 
 
+def _spill_stores(ptx: str, cc: int) -> int:
+    """Bytes of register spill stores per thread, from ``ptxas -v`` (Triton's own ptxas)."""
+    import re
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"no ptxas in this Triton ({ptxas})")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"-arch=sm_{cc}a" if cc == 90 else f"-arch=sm_{cc}", path, "-o",
+                              os.devnull], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stderr + res.stdout))
+
+
+def _penalty_spill_cases():
+    from sparse_sae.triton_kernels.penalty_backward import ampere_configs, fp32_configs, hopper_configs
+    cases = [(90, dt, i) for dt in ("bf16", "fp16") for i in range(len(hopper_configs()))]
+    cases += [(80, dt, i) for dt in ("bf16", "fp16") for i in range(len(ampere_configs()))]
+    cases += [(cc, "fp32", i) for cc in (80, 90) for i in range(len(fp32_configs()))]
+    return cases
+
+
+@pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
+@pytest.mark.parametrize("cc,dtype,index", _penalty_spill_cases())
+def test_penalty_gemm_configs_do_not_spill(cc, dtype, index):
+    """Every autotune config of the penalty GEMM, with and without the sparse steps, compiles with
+    no register spill stores for the architecture and dtype it serves (fp32 with exact and TF32
+    products): a spill inside the K loop costs local-memory traffic on every step."""
+    from sparse_sae.triton_kernels import penalty_backward as pb
+    configs = {90: pb.hopper_configs(), 80: pb.ampere_configs()}[cc] if dtype != "fp32" else pb.fp32_configs()
+    c = configs[index]
+    types = {"h_ptr": f"*{dtype}", "xc_ptr": f"*{dtype}", "active_ptr": "*u8", "n1_ptr": "*fp32", "n2_ptr": "*fp32",
+             "coef_off_ptr": "*fp32", "coef_ratio_ptr": "*fp32", "g_scale_ptr": "*fp32", "start_ptr": "*i64",
+             "entry_ptr": "*i64", "sp_idx_ptr": "*i64", "sp_grad_ptr": "*fp32", "dw_ptr": f"*{dtype}",
+             "db_ptr": f"*{dtype}", "ratio_eps": "fp32"}
+    types.update({n: "i32" for n in ("B", "F", "D", "WIDTH", "stride_h", "stride_xc", "stride_dw")})
+    for sparse_steps in (False, True):
+        for precision in (("ieee", "tf32") if dtype == "fp32" else ("ieee",)):
+            consts = dict(c.kwargs, HAS_OFF=True, HAS_RATIO=True, PRECISION=precision, UPCAST=False,
+                          SPARSE_STEPS=sparse_steps, SCALE_G=dtype == "fp16")
+            k = _compile_for(pb.penalty_grad_gemm_kernel, types, consts, c.num_warps, c.num_stages, cc=cc)
+            assert _spill_stores(k.asm["ptx"], cc) == 0, (c, sparse_steps, precision)
+
+
 @pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
 def test_decoder_kernels_compile_for_sm90():
     from sparse_sae.triton_kernels import sparse_decode as sd

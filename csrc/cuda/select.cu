@@ -435,7 +435,7 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
   if (n > 0)
     fired_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(values, a.indices, n, a.bitmap,
                                                                                a.fired);
-  active_norms_kernel<T><<<a.B, kBlock, 0, stream>>>(h, a.F, a.bitmap, a.n1, a.n2);
+  if (a.n1 != nullptr) active_norms_kernel<T><<<a.B, kBlock, 0, stream>>>(h, a.F, a.bitmap, a.n1, a.n2);
   return cudaGetLastError();
 }
 

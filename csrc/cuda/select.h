@@ -32,8 +32,8 @@ struct SelectArgs {
   int64_t* aux_indices;
   unsigned int* bitmap;     // ceil(F / 32), zeroed
   unsigned long long* fired;  // F, zeroed
-  float* n1;                // B
-  float* n2;                // B
+  float* n1;                // B, or null: no norms (plain Top-k)
+  float* n2;                // B, or null
   int64_t* count;           // B (packing modes)
   int64_t* count_eq;        // B (packing modes)
   int64_t* take_eq;         // B (packing modes)

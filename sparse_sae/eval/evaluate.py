@@ -3,7 +3,9 @@ inputs (monosemanticity), labels (probing) and a ground-truth dictionary (recove
 report as a JSON-ready dict (:mod:`sparse_sae.eval.report` writes it out).
 
 Rows are read in order from the source, ``batch_size`` at a time, up to ``max_rows``; row ``n`` of
-the embeddings and labels describes row ``n`` of the activations.
+the embeddings and labels describes row ``n`` of the activations, so both must have as many rows
+as the data (or as the ``max_rows`` evaluated). Activations, embeddings and labels holding NaN or
+Inf are refused with an error naming the file and rows: a score computed over them means nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 import sparse_sae
-from sparse_sae.data import open_source
+from sparse_sae.data import check_finite_rows, open_source
 from sparse_sae.eval.metrics import ReconstructionStats
 from sparse_sae.eval.monosemanticity import MonosemanticityAccumulator, summarize_ms
 from sparse_sae.eval.probing import BUDGETS, SparseCodes, probe
@@ -58,6 +60,15 @@ def load_array(obj, name: str) -> torch.Tensor:
     raise ValueError(f"{name} file {path}: expected .npy, .safetensors or .pt")
 
 
+def _check_rows(what: str, name, rows: int, data_rows: int, n: int) -> None:
+    """Embeddings or labels must describe the data row for row: as many rows as the data, or as
+    the ``n`` rows evaluated."""
+    if rows not in (data_rows, n):
+        raise ValueError(f"{name} has {rows} rows but the activation data has {data_rows}"
+                         + (f" ({n} evaluated)" if n != data_rows else "")
+                         + f"; row i of the {what} must describe row i of the data")
+
+
 @torch.no_grad()
 def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_size: int = 4096,
              max_rows: int | None = None, device=None, k_factors=K_FACTORS, budgets=BUDGETS,
@@ -84,13 +95,18 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
     dtype = sae.W_enc.dtype
     emb_src = None
     if embeddings is not None:
+        if isinstance(embeddings, (str, Path)) and not Path(embeddings).exists():
+            raise FileNotFoundError(f"embeddings file {embeddings} not found")
         emb_src = open_source(embeddings)
-        if emb_src.n_rows < n:
-            raise ValueError(f"embeddings has {emb_src.n_rows} rows but {n} activation rows are evaluated")
+        name = f"embeddings {embeddings}" if isinstance(embeddings, (str, Path)) else "embeddings"
+        _check_rows("embeddings", name, emb_src.n_rows, source.n_rows, n)
     if labels is not None:
+        name = f"labels {labels}" if isinstance(labels, (str, Path)) else "labels"
         labels = load_array(labels, "labels").reshape(-1)
-        if labels.shape[0] < n:
-            raise ValueError(f"labels has {labels.shape[0]} entries but {n} activation rows are evaluated")
+        _check_rows("labels", name, labels.shape[0], source.n_rows, n)
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            bad = (~torch.isfinite(labels)).nonzero().flatten()
+            raise ValueError(f"{name} has NaN or Inf at entry {int(bad[0])} ({bad.numel()} such entries)")
         labels = labels[:n]
     if dictionary is not None:
         dictionary = load_array(dictionary, "dictionary").float()
@@ -101,12 +117,16 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
     kept_v, kept_i = [], []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        x = source.rows(start, stop).to(dev, dtype)
+        x = source.rows(start, stop)
+        check_finite_rows(source, start, x)
+        x = x.to(dev, dtype)
         out = sae(x)
         values, indices = out.values, out.indices
         stats.update(x, out.recon, values, indices)
         if ms_acc is not None:
-            ms_acc.update(emb_src.rows(start, stop), values=values, indices=indices)
+            emb = emb_src.rows(start, stop)
+            check_finite_rows(emb_src, start, emb, what="embeddings")
+            ms_acc.update(emb, values=values, indices=indices)
         if labels is not None:
             kept_v.append(values.cpu())
             kept_i.append(indices.cpu())

@@ -17,23 +17,29 @@ from torch import Tensor
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
 from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 
 @torch.library.custom_op("sparse_sae::penalty_backward", mutates_args=())
-def penalty_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, h: Tensor, active: Tensor, n1: Tensor, n2: Tensor,
-                     sp_indices: Tensor, sp_grad: Tensor, coef_off: Optional[Tensor], coef_ratio: Optional[Tensor],
-                     ratio_eps: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def penalty_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, h: Optional[Tensor], active: Tensor, n1: Tensor,
+                     n2: Tensor, sp_indices: Tensor, sp_grad: Tensor, coef_off: Optional[Tensor],
+                     coef_ratio: Optional[Tensor], ratio_eps: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring. ``coef_off``/``coef_ratio`` are 0-d tensors (the penalties'
-    upstream gradients divided by ``B``) or None for an absent term."""
+    upstream gradients divided by ``B``) or None for an absent term. ``h`` may be None when both
+    are None (plain Top-k keeps no ``B x F`` tensor for its backward)."""
     B, D = x.shape if x.dim() == 2 else (None, None)
     F = W_enc.shape[0] if W_enc.dim() == 2 else None
     m = sp_indices.shape[1] if sp_indices.dim() == 2 else None
-    check_op_args("penalty_backward",
-                  {"x": (B, D), "W_enc": (F, D), "b_dec": (D,), "h": (B, F), "active": (F,), "n1": (B,), "n2": (B,),
-                   "sp_indices": (B, m), "sp_grad": (B, m)},
-                  {"x": x, "W_enc": W_enc, "b_dec": b_dec, "h": h, "active": active, "n1": n1, "n2": n2,
-                   "sp_indices": sp_indices, "sp_grad": sp_grad}, sp_indices, F)
-    return dispatch("penalty_backward", h.device)(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
+    if h is None and (coef_off is not None or coef_ratio is not None):
+        raise ValueError("penalty_backward: h is needed for the penalty terms (coef_off, coef_ratio)")
+    shapes = {"x": (B, D), "W_enc": (F, D), "b_dec": (D,), "active": (F,), "n1": (B,), "n2": (B,),
+              "sp_indices": (B, m), "sp_grad": (B, m)}
+    tensors = {"x": x, "W_enc": W_enc, "b_dec": b_dec, "active": active, "n1": n1, "n2": n2,
+               "sp_indices": sp_indices, "sp_grad": sp_grad}
+    if h is not None:
+        shapes["h"], tensors["h"] = (B, F), h
+    check_op_args("penalty_backward", shapes, tensors, sp_indices, F)
+    return dispatch("penalty_backward", x.device)(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                                   coef_off, coef_ratio, ratio_eps, need_dx)
 
 
@@ -53,13 +59,15 @@ def _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, 
 
 def _penalty_backward_cpu(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio,
                           ratio_eps, need_dx):
-    dtype = x.dtype
-    if dtype not in (torch.float32, torch.float64) or any(
-            t.dtype != dtype for t in (W_enc, b_dec, h, n1, n2, sp_grad)):
+    dt = cpu_compute_dtype(x, W_enc, b_dec, *([] if h is None else [h]))
+    if dt is None or (dt == torch.float64) != (n1.dtype == torch.float64):
         return _penalty_backward_reference(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                            coef_off, coef_ratio, ratio_eps, need_dx)
-    c = [t.contiguous() for t in (x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad)]
-    return tuple(_C.penalty_backward_cpu(*c, coef_off, coef_ratio, ratio_eps, need_dx))
+    c = [t.to(dt).contiguous() for t in (x, W_enc, b_dec, x.new_empty(0, 0) if h is None else h)]
+    c += [active.contiguous(), n1.to(dt).contiguous(), n2.to(dt).contiguous(), sp_indices.contiguous(),
+          sp_grad.to(dt).contiguous()]
+    dW_enc, db_enc, db_dec, dx = _C.penalty_backward_cpu(*c, coef_off, coef_ratio, ratio_eps, need_dx)
+    return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype), dx.to(x.dtype)
 
 
 register_impl("penalty_backward", "reference", _penalty_backward_reference)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae.backends import _C, dispatch, fallback_warning, register_impl
+from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 MODES = ("topk", "batchtopk", "threshold")
 
@@ -32,12 +33,13 @@ class SelectResult(NamedTuple):
 
 @torch.library.custom_op("sparse_sae::select", mutates_args=())
 def _select(h: Tensor, k: int, mode: str, width: int, threshold: Optional[Tensor], dead: Optional[Tensor],
-            k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(dispatch("select", h.device)(h, k, mode, width, threshold, dead, k_aux))
+            k_aux: int, norms: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                     Tensor]:
+    return tuple(dispatch("select", h.device)(h, k, mode, width, threshold, dead, k_aux, norms))
 
 
 @_select.register_fake
-def _(h, k, mode, width, threshold, dead, k_aux):
+def _(h, k, mode, width, threshold, dead, k_aux, norms=True):
     B, F = h.shape
     if mode == "topk":
         w = k
@@ -54,14 +56,15 @@ def _(h, k, mode, width, threshold, dead, k_aux):
 
 
 def select(h: Tensor, k: int = 0, mode: str = "topk", width: int = 0, threshold: Optional[Tensor] = None,
-           dead: Optional[Tensor] = None, k_aux: int = 0) -> SelectResult:
+           dead: Optional[Tensor] = None, k_aux: int = 0, norms: bool = True) -> SelectResult:
     """Selection on ``h`` (``B x F``, non-negative).
 
     ``mode="topk"``: the ``k`` largest entries of each row. ``mode="batchtopk"``: the
     ``B * k`` largest of the batch. ``mode="threshold"``: entries above ``threshold``
     (``F``). The last two pack each row into ``width`` columns (0: the largest row count),
     padding with zero values. With ``dead`` (``F`` bool) and ``k_aux > 0``, also the AuxK
-    candidates: each row's ``k_aux`` largest entries among dead latents.
+    candidates: each row's ``k_aux`` largest entries among dead latents. ``norms=False`` skips
+    the row norms ``n1``, ``n2`` (returned as zeros), which only the penalties read.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -69,10 +72,10 @@ def select(h: Tensor, k: int = 0, mode: str = "topk", width: int = 0, threshold:
         raise ValueError("mode='threshold' needs a threshold tensor")
     if mode != "threshold" and not 1 <= k <= h.shape[1]:
         raise ValueError(f"k must be in [1, {h.shape[1]}], got {k}")
-    return SelectResult(*_select(h, k, mode, width, threshold, dead, k_aux))
+    return SelectResult(*_select(h, k, mode, width, threshold, dead, k_aux, norms))
 
 
-def _select_reference(h, k, mode, width, threshold, dead, k_aux):
+def _select_reference(h, k, mode, width, threshold, dead, k_aux, norms=True):
     if mode == "topk":
         values, indices = reference.topk_select_ref(h, k)
     elif mode == "batchtopk":
@@ -81,7 +84,10 @@ def _select_reference(h, k, mode, width, threshold, dead, k_aux):
         values, indices = reference.threshold_select_ref(h, threshold, width)
     fired = reference.fired_counts_ref(values, indices, h.shape[1])
     active = fired > 0
-    n1, n2 = reference.active_row_norms_ref(h, active)
+    if norms:
+        n1, n2 = reference.active_row_norms_ref(h, active)
+    else:
+        n1, n2 = (torch.zeros(h.shape[0], dtype=reference.acc_dtype(h.dtype), device=h.device) for _ in range(2))
     if dead is not None and k_aux > 0:
         aux_values, aux_indices = reference.auxk_select_ref(h, dead, min(k_aux, h.shape[1]))
     else:
@@ -91,13 +97,18 @@ def _select_reference(h, k, mode, width, threshold, dead, k_aux):
             aux_values, aux_indices)
 
 
-def _select_cpu(h, k, mode, width, threshold, dead, k_aux):
-    if h.dtype not in (torch.float32, torch.float64):
-        return _select_reference(h, k, mode, width, threshold, dead, k_aux)   # half types: no CPU kernel
-    if threshold is not None:
-        threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
-    return tuple(_C.select_cpu(h.contiguous(), k, mode, width, threshold,
-                               dead.contiguous() if dead is not None else None, k_aux))
+def _select_cpu(h, k, mode, width, threshold, dead, k_aux, norms=True):
+    dt = cpu_compute_dtype(h)
+    if dt is None:
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
+    if threshold is not None:   # rounded to h's dtype first, as the reference compares them
+        threshold = threshold.to(h.dtype).to(dt).expand(h.shape[1]).contiguous()
+    out = _C.select_cpu(h.to(dt).contiguous(), k, mode, width, threshold,
+                        dead.contiguous() if dead is not None else None, k_aux, norms)
+    values, indices, row_threshold, active, fired, n1, n2, aux_values, aux_indices = out
+    # half types: values exactly h's (widening is exact), norms stay in the float32 accumulator
+    return (values.to(h.dtype), indices, row_threshold.to(h.dtype), active, fired, n1, n2,
+            aux_values.to(h.dtype), aux_indices)
 
 
 def cuda_max_select() -> int:
@@ -106,26 +117,26 @@ def cuda_max_select() -> int:
     return _C.max_select
 
 
-def _select_cuda(h, k, mode, width, threshold, dead, k_aux):
+def _select_cuda(h, k, mode, width, threshold, dead, k_aux, norms=True):
     cap = cuda_max_select()
     if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or h.shape[1] >= 2 ** 31:
         fallback_warning("select", f"the CUDA selection takes float32, float16 and bfloat16 with F < 2^31 "
                                    f"(got {h.dtype}, F = {h.shape[1]})")
-        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
     if (k if mode == "topk" else width) > cap:
         fallback_warning("select", f"k or the packed width is above the CUDA selection's {cap} entries per row")
-        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
     if threshold is not None:
         threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
     h = h.contiguous()
     aux_on_kernel = dead is not None and 0 < k_aux <= cap
     out = _C.select_cuda(h, k, mode, width, threshold, dead.contiguous() if aux_on_kernel else None,
-                         k_aux if aux_on_kernel else 0)
+                         k_aux if aux_on_kernel else 0, norms)
     if not out:   # exact width (width = 0) and a row selects more than the kernel's buffer
         fallback_warning("select", f"a row selects more than {cap} entries at the exact packed width "
                                    "(width = 0); pass a width (e.g. BatchTopKSAE's max_k_per_row) to stay on "
                                    "the GPU")
-        return _select_reference(h, k, mode, width, threshold, dead, k_aux)
+        return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
     out = list(out)
     if dead is not None and k_aux > 0 and not aux_on_kernel:   # the main selection stays on the kernel
         fallback_warning("select", f"k_aux = {k_aux} is above the CUDA selection's {cap} entries per row; "

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
+from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 from sparse_sae.backends import _C, dispatch, register_impl
 
 
@@ -56,20 +57,20 @@ def _backward(ctx, grad):
     return d_values, None, dW_dec, db_dec
 
 
-def _cpu_kernel_dtypes(*tensors) -> bool:
-    return tensors[0].dtype in (torch.float32, torch.float64) and all(t.dtype == tensors[0].dtype for t in tensors)
-
-
 def _sparse_decode_cpu(values, indices, W_dec, b_dec):
-    if _cpu_kernel_dtypes(W_dec, values, b_dec):
-        return _C.sparse_decode_cpu(values, indices, W_dec, b_dec)
-    return reference.sparse_decode_ref(values, indices, W_dec, b_dec)  # half types: no CPU kernel
+    dt = cpu_compute_dtype(W_dec, values, b_dec)
+    if dt is None:
+        return reference.sparse_decode_ref(values, indices, W_dec, b_dec)
+    out = _C.sparse_decode_cpu(values.to(dt), indices, W_dec.to(dt), b_dec.to(dt))
+    return out.to(W_dec.dtype)
 
 
 def _sparse_decode_backward_cpu(grad, values, indices, W_dec):
-    if _cpu_kernel_dtypes(W_dec, values, grad):
-        return tuple(_C.sparse_decode_backward_cpu(grad, values, indices, W_dec))
-    return reference.sparse_decode_backward_ref(grad, values, indices, W_dec)
+    dt = cpu_compute_dtype(W_dec, values, grad)
+    if dt is None:
+        return reference.sparse_decode_backward_ref(grad, values, indices, W_dec)
+    d_values, dW_dec = _C.sparse_decode_backward_cpu(grad.to(dt), values.to(dt), indices, W_dec.to(dt))
+    return d_values.to(values.dtype), dW_dec.to(W_dec.dtype)
 
 
 sparse_decode.register_autograd(_backward, setup_context=_setup_context)

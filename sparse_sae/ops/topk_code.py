@@ -8,6 +8,9 @@ active) and ``R_ratio = (1/B) sum_i n1_i / (n2_i + eps)``.
 Backward: the upstream gradients of ``values`` and of the AuxK values are sparse; those of
 ``R_off`` and ``R_ratio`` scale the dense penalty gradient that ``penalty_backward`` rebuilds
 on the fly. An unused penalty has no upstream gradient, so plain Top-k pays no dense term.
+Without penalties (``penalized=False``, plain Top-k) the row norms are not computed, the
+penalty values are zeros, and the node keeps only ``B x k`` tensors (and ``x``) for its
+backward, never ``h``.
 """
 from __future__ import annotations
 
@@ -39,17 +42,20 @@ class TopKCode(NamedTuple):
 
 @torch.library.custom_op("sparse_sae::topk_code", mutates_args=())
 def _topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, mode: str, width: int,
-               dead: Optional[Tensor], k_aux: int, ratio_eps: float) -> tuple[
+               dead: Optional[Tensor], k_aux: int, ratio_eps: float, penalized: bool) -> tuple[
         Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     h = encode(x, W_enc, b_enc, b_dec, True)
     values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices = _select(
-        h, k, mode, width, None, dead, k_aux)
-    r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, values, ratio_eps)
+        h, k, mode, width, None, dead, k_aux, penalized)
+    if penalized:
+        r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, values, ratio_eps)
+    else:
+        r_off, r_ratio = n1.new_zeros(()), n1.new_zeros(())
     return (h, values, indices, aux_values, aux_indices, r_off, r_ratio, threshold, active, fired, n1, n2)
 
 
 @_topk_code.register_fake
-def _(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps):
+def _(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps, penalized):
     B, F = x.shape[0], W_enc.shape[0]
     h = x.new_empty(B, F)
     if mode == "topk":
@@ -67,10 +73,11 @@ def _(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps = inputs
+    x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps, penalized = inputs
     h, values, indices, aux_values, aux_indices, _, _, threshold, active, fired, n1, n2 = output
-    ctx.ratio_eps = ratio_eps
-    ctx.save_for_backward(x, W_enc, b_dec, h, values, indices, aux_values, aux_indices, active, n1, n2)
+    ctx.ratio_eps, ctx.penalized = ratio_eps, penalized
+    ctx.save_for_backward(x, W_enc, b_dec, h if penalized else None, values, indices, aux_values, aux_indices,
+                          active, n1, n2)
     ctx.mark_non_differentiable(h, indices, aux_indices, threshold, active, fired, n1, n2)
     # An unused penalty must arrive as None, not as a zero tensor: then plain Top-k pays no
     # dense term in the backward.
@@ -79,7 +86,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_h, g_values, g_indices, g_aux_values, g_aux_indices, g_off, g_ratio, *_):
     x, W_enc, b_dec, h, values, indices, aux_values, aux_indices, active, n1, n2 = ctx.saved_tensors
-    B = h.shape[0]
+    if not ctx.penalized:   # the penalty outputs are constant zeros then: no gradient of theirs
+        g_off = g_ratio = None
+    B = x.shape[0]
     coef_off = g_off / B if g_off is not None else None
     coef_ratio = g_ratio / B if g_ratio is not None else None
     # Sparse part, as dL/dz: the support is excluded from R_off, and entries with h = 0
@@ -95,7 +104,7 @@ def _backward(ctx, g_h, g_values, g_indices, g_aux_values, g_aux_indices, g_off,
     need_dx = ctx.needs_input_grad[0]
     dW_enc, db_enc, db_dec, dx = penalty_backward(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                                   coef_off, coef_ratio, ctx.ratio_eps, need_dx)
-    return (dx if need_dx else None), dW_enc, db_enc, db_dec, None, None, None, None, None, None
+    return (dx if need_dx else None), dW_enc, db_enc, db_dec, None, None, None, None, None, None, None
 
 
 _topk_code.register_autograd(_backward, setup_context=_setup_context)
@@ -103,12 +112,13 @@ _topk_code.register_autograd(_backward, setup_context=_setup_context)
 
 def topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, mode: str = "topk", width: int = 0,
               dead: Optional[Tensor] = None, k_aux: int = 0,
-              ratio_eps: float = reference.RATIO_EPS) -> TopKCode:
+              ratio_eps: float = reference.RATIO_EPS, penalized: bool = True) -> TopKCode:
     """The (Batch)Top-k code of ``x`` with its penalties; see the module docstring.
 
     ``mode`` is ``"topk"`` or ``"batchtopk"``; ``width`` as in :func:`sparse_sae.ops.select`;
-    ``dead`` (``F`` bool) with ``k_aux > 0`` adds the AuxK candidates.
+    ``dead`` (``F`` bool) with ``k_aux > 0`` adds the AuxK candidates. ``penalized=False`` (no
+    penalty term in the loss) skips the row norms and keeps no ``B x F`` tensor for the backward.
     """
     if mode not in ("topk", "batchtopk"):
         raise ValueError(f"mode must be 'topk' or 'batchtopk', got {mode!r}")
-    return TopKCode(*_topk_code(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps))
+    return TopKCode(*_topk_code(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps, penalized))

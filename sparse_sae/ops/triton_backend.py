@@ -68,7 +68,7 @@ def penalty_backward_triton(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_g
                             ratio_eps, need_dx):
     if need_dx:
         fallback_warning("penalty_backward", "the Triton kernel computes no dx (an input that requires grad)")
-    if need_dx or not _kernel_dtype("penalty_backward", x, W_enc, b_dec, h):
+    if need_dx or not _kernel_dtype("penalty_backward", x, W_enc, b_dec, *([] if h is None else [h])):
         dW_enc, db_enc, db_dec, dx = reference.penalty_backward_ref(
             x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad, coef_off, coef_ratio, ratio_eps, need_dx)
         return dW_enc, db_enc, db_dec, (dx if need_dx else x.new_empty(0))
