@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_threshold import DenseThresholdSAE  # noqa: E402
 from dense_topk import DenseTopKSAE  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
@@ -40,6 +41,10 @@ from sparse_sae.synthetic import make_synthetic  # noqa: E402
 
 COEF_OFF, COEF_RATIO = 0.02, 0.01
 VARIANTS = ("ours_topk", "ours_regularized", "dense_regularized")
+# The soft-penalty SAEs (--soft): ReLU + decoder-norm l1 and JumpReLU + L0 on the fused threshold
+# code, against the dense-autograd versions of the same losses (bench/dense_threshold.py).
+SOFT_VARIANTS = ("ours_relu", "dense_relu", "ours_jumprelu", "dense_jumprelu")
+COEF_L1, COEF_L0 = 1e-3, 1e-3
 DEFAULT_SHAPES = ["2048,512,8192,32", "4096,512,16384,64"]
 
 
@@ -89,8 +94,16 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None
         model = S.TopKSAE(D, F, k, [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)], check_inputs=False)
     elif variant == "dense_regularized":
         model = DenseTopKSAE(D, F, k, COEF_OFF, COEF_RATIO)
+    elif variant == "ours_relu":
+        model = S.ReLUSAE(D, F, [S.DecoderNormL1(COEF_L1)], check_inputs=False)
+    elif variant == "dense_relu":
+        model = DenseThresholdSAE(D, F, jump=False, coef_l1=COEF_L1)
+    elif variant == "ours_jumprelu":
+        model = S.JumpReLUSAE(D, F, [S.L0(COEF_L0)], check_inputs=False)
+    elif variant == "dense_jumprelu":
+        model = DenseThresholdSAE(D, F, jump=True, coef_l0=COEF_L0)
     else:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + SOFT_VARIANTS}")
     if state is not None:
         with torch.no_grad():
             for name in PARAMS:
@@ -109,12 +122,12 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None
     return step
 
 
-def time_interleaved(shape, steps: int, warmup: int, state=None) -> dict:
-    fns = {v: make(v, *shape, state=state) for v in VARIANTS}
+def time_interleaved(shape, steps: int, warmup: int, state=None, variants=VARIANTS) -> dict:
+    fns = {v: make(v, *shape, state=state) for v in variants}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
     for _ in range(steps):
         for v, fn in fns.items():
             t0 = time.perf_counter()
@@ -123,12 +136,25 @@ def time_interleaved(shape, steps: int, warmup: int, state=None) -> dict:
     return times
 
 
-def peak_memory_mb(variant: str, shape, steps: int = 2) -> float:
+def init_state(shape, shift: float = 0.0):
+    """The initialisation ``make`` gives our Top-k SAE (the same scheme for every architecture) and
+    its Gaussian batch, with ``b_enc`` lowered by ``shift``: (weights, batch)."""
+    torch.manual_seed(0)
+    sae = S.TopKSAE(shape[1], shape[2], shape[3], check_inputs=False)
+    x0 = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1))
+    weights = {n: getattr(sae, n).detach().clone() for n in PARAMS}
+    weights["b_enc"] = weights["b_enc"] - shift
+    return weights, x0
+
+
+def peak_memory_mb(variant: str, shape, steps: int = 2, shift: float | None = None) -> float:
     """Growth of the resident set's high-water mark (MB) over a setup-only baseline, in a fresh
-    process. VmHWM, not ru_maxrss: the latter carries the parent's peak across exec."""
+    process. VmHWM, not ru_maxrss: the latter carries the parent's peak across exec. ``shift``:
+    from :func:`init_state` with that shift (else ``make``'s own initialisation)."""
+    state = "None" if shift is None else f"cpu_step.init_state({tuple(shape)!r}, {shift!r})"
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
             "import cpu_step\n"
-            f"fn = cpu_step.make({variant!r}, *{tuple(shape)!r})\n"
+            f"fn = cpu_step.make({variant!r}, *{tuple(shape)!r}, state={state})\n"
             "base = cpu_step.vm_hwm_kb()\n"
             f"for _ in range({steps}): fn()\n"
             "print(cpu_step.vm_hwm_kb() - base)\n")
@@ -167,8 +193,16 @@ def main(argv=None) -> int:
                         "the low density of positive pre-activations that training with the penalties reaches "
                         "(the measured density is in the table)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--soft", action="store_true",
+                   help="time the soft-penalty SAEs (ReLU + l1, JumpReLU + L0) beside our Top-k step instead of the "
+                        "regularized Top-k rows")
+    p.add_argument("--soft-shift", type=float, nargs="*", default=[2.65],
+                   help="with --soft: also time from the initialisation with b_enc lowered by each value (2.65: about "
+                        "k = 32 active latents per row of F = 8192, a trained-like L0)")
     p.add_argument("--out", type=Path, default=None, help="directory for cpu_step.json and cpu_step.md")
     args = p.parse_args(argv)
+    if args.soft:
+        return soft_main(args)
     rows = []
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split(","))
@@ -226,6 +260,54 @@ def markdown(rows, env, args) -> str:
                      f"{t['ours_regularized'] / t['ours_topk']:.2f}x | {t['dense_regularized'] / t['ours_regularized']:.2f}x | "
                      f"{mem_cells[0]} | {mem_cells[1]} | {ratio} |")
     return "\n".join(lines)
+
+
+def soft_main(args) -> int:
+    """The soft-penalty rows: our Top-k step, ReLU + l1 and JumpReLU + L0 (ours and dense), all from
+    the same weights and batch, at the initialisation and with b_enc lowered."""
+    variants = ("ours_topk",) + SOFT_VARIANTS
+    rows = []
+    for spec in args.shapes:
+        shape = tuple(int(v) for v in spec.split(","))
+        for shift in [0.0] + list(args.soft_shift):
+            state = init_state(shape, shift)
+            with torch.no_grad():
+                z = (state[1] - state[0]["b_dec"]) @ state[0]["W_enc"].T + state[0]["b_enc"]
+                l0 = float((z > 0).sum(1).double().mean())
+            label = "init" if shift == 0 else f"init, b_enc - {shift:g}"
+            times = time_interleaved(shape, args.steps, args.warmup, state, variants)
+            row = {"B": shape[0], "D": shape[1], "F": shape[2], "k": shape[3], "state": label, "relu_l0": l0}
+            for v in variants:
+                ts = sorted(times[v])
+                row[v] = {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
+                          "p80_ms": 1e3 * ts[min(len(ts) - 1, (4 * len(ts)) // 5)]}
+                if not args.no_memory and v != "ours_topk":
+                    row[v]["peak_mb"] = peak_memory_mb(v, shape, shift=shift)
+            rows.append(row)
+            print(f"done {spec} ({label})", file=sys.stderr)
+    env = environment()
+    lines = [f"CPU: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); torch {env['torch']}; "
+             f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; DecoderNormL1({COEF_L1}) for ReLU, "
+             f"L0({COEF_L0}) for JumpReLU (bandwidth 1e-3, thresholds 1e-3)", "",
+             "| B | D | F | state | ReLU L0 / row | ours Top-k k=%s (ms) | arch | ours (ms) | dense (ms) | ours / Top-k | "
+             "dense / ours | peak MB ours | peak MB dense | memory ratio |" % rows[0]["k"] if rows else "",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for arch in ("relu", "jumprelu"):
+            o, d, t = r[f"ours_{arch}"], r[f"dense_{arch}"], r["ours_topk"]["median_ms"]
+            mo, md = o.get("peak_mb"), d.get("peak_mb")
+            mem = (f"{mo:.0f} | {md:.0f} | {mo / md:.2f}" if mo is not None and md else
+                   "not measured | not measured | not measured")
+            lines.append(f"| {r['B']} | {r['D']} | {r['F']} | {r['state']} | {r['relu_l0']:.1f} | {t:.1f} | {arch} | "
+                         f"{o['median_ms']:.1f} | {d['median_ms']:.1f} | {o['median_ms'] / t:.2f}x | "
+                         f"{d['median_ms'] / o['median_ms']:.2f}x | {mem} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu_step_soft.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        (args.out / "cpu_step_soft.md").write_text(table + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("W_enc"), py::arg("b_dec"), py::arg("h"), py::arg("active"), py::arg("n1"),
         py::arg("n2"), py::arg("sp_indices"), py::arg("sp_grad"), py::arg("coef_off"), py::arg("coef_ratio"),
         py::arg("eps"), py::arg("need_dx"));
+  m.def("threshold_code_cpu", &sparse_sae::threshold_code_cpu,
+        "Threshold code of z (ReLU or JumpReLU) packed or dense by density (see sparse_sae/ops/threshold_code.py)",
+        py::arg("z"), py::arg("theta"), py::arg("bandwidth"), py::arg("width"), py::arg("regime"));
+  m.def("threshold_dense_backward_cpu", &sparse_sae::threshold_dense_backward_cpu,
+        "Encoder and threshold gradients of the dense threshold code", py::arg("x"), py::arg("W_enc"),
+        py::arg("b_dec"), py::arg("z"), py::arg("theta"), py::arg("bandwidth"), py::arg("grad"), py::arg("need_dx"));
 #ifdef SPARSE_SAE_WITH_CUDA
   m.def("select_cuda", &sparse_sae::select_cuda, "select_cpu's contract on CUDA tensors", py::arg("h"),
         py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"), py::arg("k_aux"),

@@ -30,6 +30,17 @@ std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const to
                                                 const std::optional<torch::Tensor>& coef_ratio, double eps,
                                                 bool need_dx);
 
+// Threshold code (threshold_code.cpp). regime: 0 auto (sampled density), 1 dense, 2 sparse.
+// Returns {values, indices, band_indices, n_band, dense_code, fired}: the packed code and the
+// inactive band entries (sparse regime; B x 0 otherwise) or the B x F code (dense regime).
+std::vector<torch::Tensor> threshold_code_cpu(const torch::Tensor& z, const std::optional<torch::Tensor>& theta,
+                                              double bandwidth, int64_t width, int64_t regime);
+// Backward of the dense regime. Returns {dW_enc, db_enc, db_dec, dx, band_grad, band_count}.
+std::vector<torch::Tensor> threshold_dense_backward_cpu(const torch::Tensor& x, const torch::Tensor& W_enc,
+                                                        const torch::Tensor& b_dec, const torch::Tensor& z,
+                                                        const std::optional<torch::Tensor>& theta,
+                                                        double bandwidth, const torch::Tensor& grad, bool need_dx);
+
 #ifdef SPARSE_SAE_WITH_CUDA
 // CUDA selection (select_cuda.cpp); same outputs as select_cpu, with float32 norms.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,

@@ -311,6 +311,64 @@ class TopKSAE(SparseAutoencoder):
         self._track_firing(fired, xs.shape[0])
         return SAEOutput(self._unscale(recon), loss, losses, fired, self.n_latents, values=values, indices=indices)
 
+    @torch.no_grad()
+    def to_jumprelu(self, data, target_l0: float | None = None, *, bandwidth: float = 1e-3,
+                    batch_size: int = 4096, max_rows: int = 16384) -> "JumpReLUSAE":
+        """This SAE as a thresholded encoder with adaptive sparsity: a :class:`JumpReLUSAE` with the
+        same weights and per-latent thresholds ``theta_j`` calibrated on ``data`` (``N x d_in``, input
+        units; the first ``max_rows`` rows, which it holds as ``N x F`` pre-activations), so that the
+        number of active latents varies per input while the mean stays at ``target_l0`` (default ``k``)
+        on ``data``.
+
+        Each latent keeps its share of the code: latent ``j`` fires on the calibration rows as often
+        as this SAE selects it, scaled to ``target_l0`` (largest remainders make the counts sum to
+        ``target_l0 * N``), and ``theta_j`` lies halfway between its ``n_j``-th and ``n_j + 1``-th
+        largest pre-activation. A latent that is never selected gets a threshold above every
+        calibration value. The result is in eval mode."""
+        if not torch.is_tensor(data) or data.dim() != 2 or data.shape[1] != self.d_in or data.shape[0] < 1:
+            raise ValueError(f"data must be a N x {self.d_in} tensor with N >= 1, got "
+                             f"{tuple(data.shape) if torch.is_tensor(data) else type(data).__name__}")
+        check_int(batch_size, "batch_size", 1)
+        check_int(max_rows, "max_rows", 1)
+        xs = self._prepare(data[:max_rows].to(self.W_enc.device, self.W_enc.dtype))
+        N, F = xs.shape[0], self.n_latents
+        z = torch.cat([reference.encode_ref(xs[i:i + batch_size], self.W_enc, self.b_enc, self.b_dec, relu=False)
+                       for i in range(0, N, batch_size)])
+        counts = torch.zeros(F, dtype=torch.int64, device=z.device)
+        for i in range(0, N, batch_size):
+            h = z[i:i + batch_size].relu()
+            if self.mode == "topk":
+                v, idx = reference.topk_select_ref(h, self.k)
+            else:
+                v, idx = reference.batchtopk_select_ref(h, self.k)
+            counts += reference.fired_counts_ref(v, idx, F)
+        total = int(counts.sum())
+        target = float(self.k) if target_l0 is None else float(target_l0)
+        if not (math.isfinite(target) and 0 < target <= F):
+            raise ValueError(f"target_l0 must be in (0, {F}], got {target_l0!r}")
+        if total == 0:
+            raise ValueError("this SAE selects no positive entry on data: nothing to calibrate")
+        # per-latent counts n_j summing to round(target * N): proportional, largest remainders
+        want = counts.double() * (round(target * N) / total)
+        n = want.floor().to(torch.int64)
+        short = round(target * N) - int(n.sum())
+        if short > 0:
+            n[torch.argsort(want - n.double(), descending=True, stable=True)[:short]] += 1
+        n = n.clamp(max=N)
+        s = torch.sort(z, dim=0, descending=True).values            # N x F, each column descending
+        top = s.gather(0, (n - 1).clamp(min=0)[None]).squeeze(0)    # the n_j-th largest
+        nxt = s.gather(0, n.clamp(max=N - 1)[None]).squeeze(0)      # the (n_j + 1)-th largest
+        theta = torch.where(n < N, (top + nxt) / 2, top - top.abs() * 1e-3 - 1e-12)
+        never = s[0] + s[0].abs() + 1.0                              # above every calibration value
+        theta = torch.where(n == 0, never, theta)
+        theta = torch.maximum(theta, torch.where(n > 0, top / 2, theta).clamp_min(torch.finfo(z.dtype).tiny))
+        sae = JumpReLUSAE(self.d_in, F, bandwidth=bandwidth, recon_loss=self.recon_loss, input_scale=self.input_scale,
+                          check_inputs=self.check_inputs, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(self, name))
+        sae.log_threshold.copy_(theta.log())
+        return sae.eval()
+
     def config(self) -> dict:
         cfg = super().config()
         cfg["k"] = self.k
@@ -374,26 +432,54 @@ class BatchTopKSAE(TopKSAE):
 
 
 class ReLUSAE(SparseAutoencoder):
-    """ReLU SAE: ``a = relu(z)``, usually trained with ``DecoderNormL1``."""
+    """ReLU SAE: ``a = relu(z)``, usually trained with ``DecoderNormL1``.
+
+    The code comes from the fused ``ops.threshold_code``: packed (``values``/``indices``, decoded
+    sparsely, a sparse backward) once the code is sparse, a dense ``B x F`` code while about half
+    of it is active (initialisation), chosen from a sampled density. ``code_regime`` (``"auto"``,
+    ``"dense"``, ``"sparse"``) forces one (the loss and gradients are the same).
+    """
 
     allowed_penalties = (DecoderNormL1,)
+    code_regime = "auto"
+
+    def _theta(self):
+        return None
 
     def forward(self, x) -> SAEOutput:
         xs = self._prepare(x)
-        a = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec))
-        return self._dense_finish(xs, a, None, None)
-
-    def _dense_finish(self, xs, a, z, theta) -> SAEOutput:
-        recon = a @ self.W_dec + self.b_dec
+        theta = self._theta()
+        # autocast does not reach custom ops: the module casts (theta too: the op takes one dtype)
+        cast = self._autocast(xs, self.W_enc, self.b_enc, self.b_dec, *(() if theta is None else (theta,)))
+        code = ops.threshold_code(*cast[:4], cast[4] if theta is not None else None,
+                                  getattr(self, "bandwidth", 1e-3), self.code_regime)
+        W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
+        B = xs.shape[0]
+        if code.is_dense:
+            a = code.dense
+            recon = a @ W_dec + b_dec
+            decoded = {"code": a}
+            def decoder_norm_l1():
+                return (a * self.W_dec.norm(dim=1)).sum() / B
+        else:
+            # the inactive band entries (value 0) ride along: their dL/da moves the thresholds
+            values, indices = code.values, code.indices
+            if code.band_values.shape[1] > 0:
+                values = torch.cat([values, code.band_values], 1)
+                indices = torch.cat([indices, code.band_indices], 1)
+            recon = ops.sparse_decode(values, indices, W_dec, b_dec)
+            decoded = {"values": code.values, "indices": code.indices}
+            def decoder_norm_l1():
+                # summed by latent first (index_add_, whose backward is a gather): the gradient of
+                # W_dec's norms is then a dense F-vector, the same bits for any thread count,
+                # which the advanced-indexing backward of norms[indices] is not
+                per_latent = values.new_zeros(self.n_latents).index_add_(0, indices.reshape(-1), values.reshape(-1))
+                return (per_latent * self.W_dec.norm(dim=1)).sum() / B
         losses = {"recon": self._recon_term(xs, recon)}
         for p in self.penalties:
-            if isinstance(p, DecoderNormL1):
-                losses[p.name] = (a * self.W_dec.norm(dim=1)).sum() / a.shape[0]
-            else:
-                losses[p.name] = reference.l0_ref(z, theta, self.bandwidth)
-        fired = (a > 0).sum(0)
-        self._track_firing(fired, xs.shape[0])
-        return SAEOutput(self._unscale(recon), self._total(losses), losses, fired, self.n_latents, code=a)
+            losses[p.name] = decoder_norm_l1() if isinstance(p, DecoderNormL1) else code.l0
+        self._track_firing(code.fired, B)
+        return SAEOutput(self._unscale(recon), self._total(losses), losses, code.fired, self.n_latents, **decoded)
 
 
 class JumpReLUSAE(ReLUSAE):
@@ -414,12 +500,8 @@ class JumpReLUSAE(ReLUSAE):
         self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(init_threshold),
                                                      dtype=self.W_enc.dtype, device=self.W_enc.device))
 
-    def forward(self, x) -> SAEOutput:
-        xs = self._prepare(x)
-        z = ops.encode(*self._autocast(xs, self.W_enc, self.b_enc, self.b_dec), False)
-        theta = self.log_threshold.exp()
-        a = reference.jumprelu_ref(z, theta, self.bandwidth)
-        return self._dense_finish(xs, a, z, theta)
+    def _theta(self):
+        return self.log_threshold.exp()
 
     def config(self) -> dict:
         cfg = super().config()

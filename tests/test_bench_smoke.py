@@ -83,6 +83,21 @@ def test_gpu_check_scripts_parse():
     assert res.returncode == 0 and "compute-sanitizer" in res.stdout, res.stderr
 
 
+def test_cpu_step_soft_rows(tmp_path):
+    """bench/cpu_step.py --soft: ReLU + l1 and JumpReLU + L0 (ours and dense) beside our Top-k step,
+    at init and with b_enc lowered; what it reports, not how fast."""
+    import cpu_step
+    assert cpu_step.main(["--soft", "--shapes", "40,12,61,3", "--steps", "1", "--warmup", "0", "--no-memory",
+                          "--soft-shift", "1.5", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cpu_step_soft.json").read_text())
+    assert [r["state"] for r in data["rows"]] == ["init", "init, b_enc - 1.5"]
+    assert data["rows"][0]["relu_l0"] > data["rows"][1]["relu_l0"]
+    for r in data["rows"]:
+        for v in ("ours_topk", "ours_relu", "dense_relu", "ours_jumprelu", "dense_jumprelu"):
+            assert r[v]["median_ms"] > 0
+    assert "| jumprelu |" in (tmp_path / "cpu_step_soft.md").read_text()
+
+
 def test_roofline_floors_from_first_principles():
     """The floors are max(FLOPs / peak, bytes / bandwidth): checked here against the arithmetic
     written out for one compute-bound and one memory-bound stage."""

@@ -228,6 +228,31 @@ def test_module_triton_backend_equals_reference_backend(gen, monkeypatch, make):
     assert_module_backend_matches_reference(sae, x, "triton", monkeypatch, rtol=1e-4, atol=1e-5)
 
 
+def _soft(make, regime):
+    def build():
+        sae = make()
+        sae.code_regime = regime
+        return sae
+    return build
+
+
+@kernels
+@pytest.mark.parametrize("regime", ["dense", "sparse"])
+@pytest.mark.parametrize("make", [
+    lambda: S.ReLUSAE(29, 131, [S.DecoderNormL1(0.1)]),
+    lambda: S.JumpReLUSAE(29, 131, [S.L0(0.1), S.DecoderNormL1(0.1)], bandwidth=0.3, init_threshold=0.05),
+])
+def test_threshold_code_module_triton_backend_equals_reference_backend(gen, monkeypatch, make, regime):
+    """ReLU and JumpReLU on the fused threshold code: the Triton encoder, the select op's threshold
+    packing, the sparse backward through the Triton penalty kernel's sparse part."""
+    sae = _soft(make, regime)().to(DEVICE)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(rand(gen, *p.shape, dtype=torch.float32) * 0.3)
+    x = rand(gen, 45, 29, dtype=torch.float32).to(DEVICE)
+    assert_module_backend_matches_reference(sae, x, "triton", monkeypatch, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- sm_90 compile
 def _compile_for(fn, types, constexprs, num_warps=4, num_stages=3, cc=90):
     from triton.backends.compiler import GPUTarget

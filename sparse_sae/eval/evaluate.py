@@ -148,6 +148,8 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
         report["k_robustness"] = {"trained_k": sae.k, "rule": "batchtopk" if sae.mode == "batchtopk" else "topk",
                                   "curve": curve}
         say("k-robustness done")
+        report["adaptive_sparsity"] = adaptive_sparsity(sae, source, n, batch_size, dev, dtype)
+        say("adaptive sparsity done")
     else:
         report["k_robustness"] = {"skipped": f"{type(sae).__name__} has no k"}
 
@@ -171,6 +173,31 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
     report["_arrays"] = arrays
     sae.train(was_training)
     return report
+
+
+@torch.no_grad()
+def adaptive_sparsity(sae, source, n: int, batch_size: int, dev, dtype) -> dict:
+    """The Top-k encoder against its thresholded form (``sae.to_jumprelu``, per-latent thresholds
+    calibrated for a mean L0 of k on the first half of the rows, at most 16384), both evaluated
+    on the other half: FVU, mean L0 and the L0 spread across rows (std / mean)."""
+    half = n // 2 if n >= 4 else n
+    calib = source.rows(0, min(half, 16384)).to(dev, dtype)
+    jr = sae.to_jumprelu(calib, batch_size=batch_size)
+    start0 = half if half < n else 0
+    out = {"calibration_rows": int(calib.shape[0]), "held_out_rows": n - start0, "target_l0": sae.k}
+    for name, enc in (("topk", sae), ("thresholded", jr)):
+        stats = ReconstructionStats(sae.n_latents, device=dev)
+        per_row = []
+        for start in range(start0, n, batch_size):
+            x = source.rows(start, min(start + batch_size, n)).to(dev, dtype)
+            o = enc(x)
+            stats.update(x, o.recon, o.values, o.indices)
+            per_row.append((o.values > 0).sum(1).double().cpu())
+        r, l0 = stats.compute(), torch.cat(per_row)
+        mean = float(l0.mean())
+        out[name] = {"fvu": r["fvu"], "l0": mean,
+                     "l0_spread": float(l0.std(unbiased=False)) / mean if mean > 0 else math.nan}
+    return out
 
 
 def finite_or_none(x):

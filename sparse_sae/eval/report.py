@@ -45,6 +45,13 @@ def markdown(report: dict) -> str:
         lines += ["", f"Inference k (trained at {kr['trained_k']}, {kr['rule']} rule):", "",
                   "| k' | FVU | L0 |", "|---|---|---|"]
         lines += [f"| {r['k']} | {_fmt(r['fvu'])} | {_fmt(r['l0'])} |" for r in kr["curve"]]
+    ad = report.get("adaptive_sparsity")
+    if ad:
+        lines += ["", f"Adaptive sparsity: the Top-k encoder and its thresholded form (per-latent thresholds for a mean "
+                      f"L0 of {ad['target_l0']} calibrated on {ad['calibration_rows']} rows; {ad['held_out_rows']} "
+                      "other rows):", "", "| encoder | FVU | L0 | L0 spread (std / mean) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(ad[key]['fvu'])} | {_fmt(ad[key]['l0'])} | {_fmt(ad[key]['l0_spread'])} |"
+                  for key, name in (("topk", "Top-k"), ("thresholded", "thresholded (JumpReLU)"))]
     pr = report.get("probing")
     if pr:
         lines += ["", f"Probing ({pr['n_classes']} classes, {pr['train_rows']} train / {pr['test_rows']} test rows):",

@@ -3,12 +3,14 @@
 Kernel ops (DESIGN.md section 3): ``encode``, ``select``, ``penalty_backward`` and
 ``sparse_decode`` (with ``sparse_decode_backward``). ``topk_code`` composes encode and
 select into one autograd node whose backward is ``penalty_backward``, so the dense penalty
-gradient of a (Batch)Top-k SAE is never materialised by autograd.
+gradient of a (Batch)Top-k SAE is never materialised by autograd; ``threshold_code`` does the
+same for the ReLU and JumpReLU SAEs (threshold select, sparse or dense by density).
 """
 from sparse_sae.ops.encode import encode
 from sparse_sae.ops.penalty_backward import penalty_backward
 from sparse_sae.ops.select import SelectResult, select
 from sparse_sae.ops.sparse_decode import sparse_decode, sparse_decode_backward
+from sparse_sae.ops.threshold_code import ThresholdCode, threshold_code
 from sparse_sae.ops.topk_code import TopKCode, topk_code
 
 try:  # the triton backend is optional: without Triton, GPU ops use cuda/reference
@@ -18,4 +20,4 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     _backends._TRITON_ERROR = f"{type(_exc).__name__}: {_exc}"
 
 __all__ = ["encode", "select", "SelectResult", "penalty_backward", "sparse_decode",
-           "sparse_decode_backward", "topk_code", "TopKCode"]
+           "sparse_decode_backward", "topk_code", "TopKCode", "threshold_code", "ThresholdCode"]

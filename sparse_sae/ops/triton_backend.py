@@ -94,7 +94,16 @@ def sparse_decode_backward_triton(grad, values, indices, W_dec):
     return _decode.sparse_decode_backward(grad, values, indices, W_dec, start, entries)
 
 
+@_on_device_of_first_tensor
+def threshold_code_triton(x, W_enc, b_enc, b_dec, theta, bandwidth, regime):
+    """ReLU / JumpReLU code: the Triton encoder, then the select op's threshold packing (the CUDA
+    radix select); its sparse backward runs the Triton penalty kernel's sparse part."""
+    from sparse_sae.ops.threshold_code import _threshold_code_gpu
+    return _threshold_code_gpu(x, W_enc, b_enc, b_dec, theta, bandwidth, regime)
+
+
 LAUNCHERS = {"encode": encode_triton, "penalty_backward": penalty_backward_triton,
-             "sparse_decode": sparse_decode_triton, "sparse_decode_backward": sparse_decode_backward_triton}
+             "sparse_decode": sparse_decode_triton, "sparse_decode_backward": sparse_decode_backward_triton,
+             "threshold_code": threshold_code_triton}
 for _op, _launcher in LAUNCHERS.items():
     register_impl(_op, "triton", _launcher)
