@@ -160,3 +160,29 @@ def test_select_cuda_large_k_aux_keeps_the_main_selection_on_the_kernel(gen):
     for name, g, w in zip(FIELDS, got, want):
         if name not in ("n1", "n2"):
             assert torch.equal(g.cpu(), w.to(g.dtype)), name
+
+
+@gpu
+def test_training_step_makes_no_host_sync_on_the_gpu(gen, tmp_path):
+    """After warm-up, a regularized Top-k step with AuxK (and BatchTopK at a fixed width) runs
+    under torch.cuda.set_sync_debug_mode("error"): any synchronising call raises."""
+    from sparse_sae.config import TrainConfig
+    from sparse_sae.train import Trainer
+    for arch, extra in (("topk", dict(off_support_l1=0.1, l1_l2_ratio=0.01, auxk=0.05)),
+                        ("batchtopk", dict(off_support_l1=0.1, max_k_per_row=12))):
+        cfg = TrainConfig(architecture=arch, steps=50, batch_size=256, n_latents=1024, k=8, log_every=50,
+                          checkpoint_every=0, dead_after_tokens=512, out_dir=str(tmp_path / arch), progress=False,
+                          device="cuda", **extra)
+        trainer = Trainer(cfg, rand(gen, 4000, 64, dtype=torch.float32))
+        batches = [trainer.loader.next_batch() for _ in range(5)]
+        for x in batches[:2]:
+            trainer.train_step(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x in batches[2:]:
+                trainer.train_step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        trainer.check_finite_steps()
+        trainer.release()
