@@ -40,7 +40,9 @@ import sparse_sae as S  # noqa: E402
 from sparse_sae.synthetic import make_synthetic  # noqa: E402
 
 COEF_OFF, COEF_RATIO = 0.02, 0.01
-VARIANTS = ("ours_topk", "ours_regularized", "dense_regularized")
+# ours_regularized_bf16: the same step under torch.autocast("cpu", dtype=torch.bfloat16)
+# (ATen's bf16 GEMMs; the C++ kernels compute in float32 on the bf16 values; fp32 weights)
+VARIANTS = ("ours_topk", "ours_regularized", "ours_regularized_bf16", "dense_regularized")
 # The soft-penalty SAEs (--soft): ReLU + decoder-norm l1 and JumpReLU + L0 on the fused threshold
 # code, against the dense-autograd versions of the same losses (bench/dense_threshold.py).
 SOFT_VARIANTS = ("ours_relu", "dense_relu", "ours_jumprelu", "dense_jumprelu")
@@ -90,7 +92,7 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None
     torch.manual_seed(seed)
     if variant == "ours_topk":
         model = S.TopKSAE(D, F, k, check_inputs=False)
-    elif variant == "ours_regularized":
+    elif variant in ("ours_regularized", "ours_regularized_bf16"):
         model = S.TopKSAE(D, F, k, [S.OffSupportL1(COEF_OFF), S.L1L2Ratio(COEF_RATIO)], check_inputs=False)
     elif variant == "dense_regularized":
         model = DenseTopKSAE(D, F, k, COEF_OFF, COEF_RATIO)
@@ -113,8 +115,11 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None
         x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
+    bf16 = variant == "ours_regularized_bf16"
+
     def step():
-        out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
         loss = out.loss if isinstance(out, S.SAEOutput) else out[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,9 +251,11 @@ def markdown(rows, env, args) -> str:
              f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; "
              f"coefficients off={COEF_OFF}, ratio={COEF_RATIO}",
              "",
-             "| B | D | F | k | state | h>0 density on A | ours Top-k (ms) | ours regularized (ms) | dense regularized (ms) | "
-             "regularized / Top-k | dense / ours regularized | peak MB ours reg. | peak MB dense | memory ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| B | D | F | k | state | h>0 density on A | ours Top-k (ms) | ours regularized (ms) | "
+             "ours regularized, bf16 autocast (ms) | dense regularized (ms) | "
+             "regularized / Top-k | bf16 / fp32 regularized | dense / ours regularized | peak MB ours reg. | "
+             "peak MB dense | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = {v: r[v]["median_ms"] for v in VARIANTS}
         mem = [r[v].get("peak_mb") for v in ("ours_regularized", "dense_regularized")]
@@ -256,8 +263,10 @@ def markdown(rows, env, args) -> str:
         ratio = f"{mem[0] / mem[1]:.2f}" if None not in mem and mem[1] > 0 else "not measured"
         dens = f"{r['positive_active_density']:.3f}"
         lines.append(f"| {r['B']} | {r['D']} | {r['F']} | {r['k']} | {r['state']} | {dens} | {t['ours_topk']:.1f} | "
-                     f"{t['ours_regularized']:.1f} | {t['dense_regularized']:.1f} | "
-                     f"{t['ours_regularized'] / t['ours_topk']:.2f}x | {t['dense_regularized'] / t['ours_regularized']:.2f}x | "
+                     f"{t['ours_regularized']:.1f} | {t['ours_regularized_bf16']:.1f} | {t['dense_regularized']:.1f} | "
+                     f"{t['ours_regularized'] / t['ours_topk']:.2f}x | "
+                     f"{t['ours_regularized_bf16'] / t['ours_regularized']:.2f}x | "
+                     f"{t['dense_regularized'] / t['ours_regularized']:.2f}x | "
                      f"{mem_cells[0]} | {mem_cells[1]} | {ratio} |")
     return "\n".join(lines)
 

@@ -109,3 +109,15 @@ def test_roofline_floors_from_first_principles():
     assert f["adam"] == pytest.approx((2 * F * D + F + D) * 28 / 5e12 * 1e3)  # memory-bound
     plain, reg = step_floors(f)
     assert reg - plain == pytest.approx(f["penalty_gemm"]) and plain == pytest.approx(sum(f.values()) - f["penalty_gemm"])
+
+
+def test_cpu_step_rows_include_bf16_autocast(tmp_path):
+    """bench/cpu_step.py times the regularized step in float32 and under CPU bf16 autocast, side by
+    side; checks the columns, never a time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cpu_step
+    assert cpu_step.main(["--shapes", "40,12,61,3", "--steps", "1", "--warmup", "0", "--no-memory",
+                          "--b-enc-shift", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_step.json").read_text())["rows"]
+    assert rows and all(r["ours_regularized_bf16"]["median_ms"] > 0 for r in rows)
+    assert "bf16 autocast" in (tmp_path / "cpu_step.md").read_text()
