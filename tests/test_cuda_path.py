@@ -39,12 +39,19 @@ class _FakeCudaSelect:
 
     def select_cuda(self, h, k, mode, width, threshold, dead, k_aux, norms):
         self.calls.append(dict(mode=mode, k=k, width=width, dead=dead, k_aux=k_aux))
-        if mode != "topk" and width <= 0:
-            sel = threshold[None, :] < h if mode == "threshold" else None
-            counts = sel.sum(1) if sel is not None else _select_reference(h, k, mode, 0, None, None, 0)[4]
-            if sel is not None and int(counts.max()) > self.max_select:
-                return []
+        if mode == "threshold" and width <= 0 and int((h > threshold[None, :]).sum(1).max()) > self.max_select:
+            return []
         return list(_C.select_cpu(h, k, mode, width, threshold, dead, k_aux, norms))
+
+
+@pytest.fixture
+def fake_select(monkeypatch):
+    """Installs a _FakeCudaSelect with a buffer of ``cap`` entries as select.py's ``_C``."""
+    def install(cap):
+        fake = _FakeCudaSelect(cap)
+        monkeypatch.setattr(select_mod, "_C", fake)
+        return fake
+    return install
 
 
 def _assert_same(got, want, skip=()):
@@ -58,9 +65,8 @@ def _assert_same(got, want, skip=()):
 
 
 @needs_ext
-def test_large_k_aux_keeps_the_main_selection_on_the_kernel(gen, monkeypatch):
-    fake = _FakeCudaSelect(cap=16)
-    monkeypatch.setattr(select_mod, "_C", fake)
+def test_large_k_aux_keeps_the_main_selection_on_the_kernel(gen, fake_select):
+    fake = fake_select(16)
     h = torch.relu(rand(gen, 7, 90, dtype=torch.float32))
     dead = torch.rand(90, generator=gen) < 0.5
     with pytest.warns(RuntimeWarning, match="AuxK candidates use the reference"):
@@ -70,9 +76,8 @@ def test_large_k_aux_keeps_the_main_selection_on_the_kernel(gen, monkeypatch):
 
 
 @needs_ext
-def test_exact_width_above_the_buffer_falls_back_for_that_call(gen, monkeypatch):
-    fake = _FakeCudaSelect(cap=16)
-    monkeypatch.setattr(select_mod, "_C", fake)
+def test_exact_width_above_the_buffer_falls_back_for_that_call(gen, fake_select):
+    fake = fake_select(16)
     h = torch.relu(rand(gen, 6, 70, dtype=torch.float32))
     h[2] += 3.0   # one row far above the buffer
     thr = torch.zeros(70)
@@ -86,9 +91,8 @@ def test_exact_width_above_the_buffer_falls_back_for_that_call(gen, monkeypatch)
 
 
 @needs_ext
-def test_k_above_the_buffer_uses_the_reference_with_a_warning(gen, monkeypatch):
-    fake = _FakeCudaSelect(cap=8)
-    monkeypatch.setattr(select_mod, "_C", fake)
+def test_k_above_the_buffer_uses_the_reference_with_a_warning(gen, fake_select):
+    fake = fake_select(8)
     h = torch.relu(rand(gen, 3, 40, dtype=torch.float32))
     with pytest.warns(RuntimeWarning, match="above the CUDA selection's 8"):
         got = select_mod._select_cuda(h, 9, "topk", 0, None, None, 0)
@@ -168,10 +172,9 @@ def test_training_log_never_packs_a_dense_code(gen, monkeypatch, tmp_path, make)
 
 
 @needs_ext
-def test_width_and_k_aux_are_clamped_to_F_before_the_buffer_limit(gen, monkeypatch):
+def test_width_and_k_aux_are_clamped_to_F_before_the_buffer_limit(gen, fake_select):
     """A width or k_aux above F is F (every backend clamps it): it stays on the kernel when F fits."""
-    fake = _FakeCudaSelect(cap=16)
-    monkeypatch.setattr(select_mod, "_C", fake)
+    fake = fake_select(16)
     h = torch.relu(rand(gen, 5, 12, dtype=torch.float32))
     dead = torch.rand(12, generator=gen) < 0.5
     got = select_mod._select_cuda(h, 3, "batchtopk", 100, None, dead, 100)
