@@ -328,16 +328,29 @@ __global__ void __launch_bounds__(kBlock) row_counts_kernel(const T* h, int64_t 
   }
 }
 
-// Hands the ties of the global cut to rows in row order (the lowest flat indices first).
-__global__ void assign_ties_kernel(const GlobalSelect* gs, int64_t B, int64_t* count, int64_t* take_eq,
-                                   const int64_t* count_eq) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int64_t left = gs->st.remaining;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t t = min(count_eq[i], left);
-    take_eq[i] = t;
-    left -= t;
-    count[i] += t;
+// Hands the ties of the global cut to rows in row order (the lowest flat indices first): row i
+// takes clamp(n - sum_{j<i} count_eq[j], 0, count_eq[i]), a block-wide prefix sum over the rows.
+__global__ void __launch_bounds__(kBlock) assign_ties_kernel(const GlobalSelect* gs, int64_t B, int64_t* count,
+                                                             int64_t* take_eq, const int64_t* count_eq) {
+  using Scan = cub::BlockScan<long long, kBlock>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ long long carried;  // ties of the rows before this chunk
+  if (threadIdx.x == 0) carried = 0;
+  __syncthreads();
+  const long long n = gs->st.remaining;
+  for (int64_t base = 0; base < B; base += kBlock) {
+    const int64_t i = base + threadIdx.x;
+    const long long c = i < B ? count_eq[i] : 0;
+    long long before, total;
+    Scan(scan_tmp).ExclusiveSum(c, before, total);
+    if (i < B) {
+      const long long t = lesser<long long>(c, n - (carried + before) > 0 ? n - (carried + before) : 0);
+      take_eq[i] = t;
+      count[i] += t;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) carried += total;
+    __syncthreads();
   }
 }
 
@@ -413,7 +426,7 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
       }
     }
     row_counts_kernel<T><<<a.B, kBlock, 0, stream>>>(h, a.F, gs, thr, a.count, a.count_eq);
-    if (gs) assign_ties_kernel<<<1, 1, 0, stream>>>(gs, a.B, a.count, a.take_eq, a.count_eq);
+    if (gs) assign_ties_kernel<<<1, kBlock, 0, stream>>>(gs, a.B, a.count, a.take_eq, a.count_eq);
     return cudaGetLastError();
   }
   const int cap = select_capacity(a.mode == SelectMode::kTopK ? a.k : a.width);
