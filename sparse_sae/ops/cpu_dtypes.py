@@ -16,8 +16,9 @@ def cpu_compute_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     """float32 or float64 when the C++ kernels take these tensors (one dtype among them, or only
     half types), else None."""
     dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float32, torch.float64):
-        return next(iter(dtypes))
-    if dtypes <= set(HALF_TYPES) and len(dtypes) == 1:
-        return torch.float32
-    return None
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype in HALF_TYPES else None

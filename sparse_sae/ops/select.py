@@ -118,17 +118,16 @@ def cuda_max_select() -> int:
 
 
 def _select_cuda(h, k, mode, width, threshold, dead, k_aux, norms=True):
-    cap = cuda_max_select()
-    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or h.shape[1] >= 2 ** 31:
+    cap, F = cuda_max_select(), h.shape[1]
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or F >= 2 ** 31:
         fallback_warning("select", f"the CUDA selection takes float32, float16 and bfloat16 with F < 2^31 "
-                                   f"(got {h.dtype}, F = {h.shape[1]})")
+                                   f"(got {h.dtype}, F = {F})")
         return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
-    F = h.shape[1]
     if (k if mode == "topk" else min(width, F)) > cap:   # the kernel clamps width to F
         fallback_warning("select", f"k or the packed width is above the CUDA selection's {cap} entries per row")
         return _select_reference(h, k, mode, width, threshold, dead, k_aux, norms)
     if threshold is not None:
-        threshold = threshold.to(h.dtype).expand(h.shape[1]).contiguous()
+        threshold = threshold.to(h.dtype).expand(F).contiguous()
     h = h.contiguous()
     aux_on_kernel = dead is not None and 0 < min(k_aux, F) <= cap
     out = _C.select_cuda(h, k, mode, width, threshold, dead.contiguous() if aux_on_kernel else None,
@@ -142,7 +141,7 @@ def _select_cuda(h, k, mode, width, threshold, dead, k_aux, norms=True):
     if dead is not None and k_aux > 0 and not aux_on_kernel:   # the main selection stays on the kernel
         fallback_warning("select", f"k_aux = {k_aux} is above the CUDA selection's {cap} entries per row; "
                                    "the AuxK candidates use the reference")
-        out[7:9] = reference.auxk_select_ref(h, dead, min(k_aux, h.shape[1]))
+        out[7:9] = reference.auxk_select_ref(h, dead, min(k_aux, F))
     return tuple(out)
 
 
