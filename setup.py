@@ -77,8 +77,8 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["sparse_sae", "sparse_sae.ops", "sparse_sae.eval", "sparse_sae.bench", "sparse_sae.features",
-              "sparse_sae.triton_kernels"],
+    packages=["sparse_sae", "sparse_sae.ops", "sparse_sae.saes", "sparse_sae.training", "sparse_sae.io",
+              "sparse_sae.eval", "sparse_sae.features", "sparse_sae.cli", "sparse_sae.triton_kernels"],
     package_dir={"sparse_sae.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -37,7 +37,7 @@ from dense_threshold import DenseThresholdSAE  # noqa: E402
 from dense_topk import DenseTopKSAE  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
-from sparse_sae.synthetic import make_synthetic  # noqa: E402
+from sparse_sae.eval.synthetic import make_synthetic  # noqa: E402
 
 COEF_OFF, COEF_RATIO = 0.02, 0.01
 # ours_regularized_bf16: the same step under torch.autocast("cpu", dtype=torch.bfloat16)
@@ -178,7 +178,7 @@ def environment() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
         cpu = platform.processor()
-    from sparse_sae.backends import backend_for
+    from sparse_sae.ops._registry import backend_for
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "sparse_sae": S.__version__,
             "backend": {op: backend_for(op, torch.device("cpu")) for op in

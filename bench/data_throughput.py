@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import stage_floors, step_floors  # noqa: E402
 
-from sparse_sae.data import ActivationLoader, open_source  # noqa: E402
-from sparse_sae.prefetch import PrefetchingLoader  # noqa: E402
+from sparse_sae.training.data import ActivationLoader, open_source  # noqa: E402
+from sparse_sae.training.prefetch import PrefetchingLoader  # noqa: E402
 
 
 def write_data(root: Path, rows: int, d: int, shards: int = 4) -> dict:

@@ -23,21 +23,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_sae.config import TrainConfig  # noqa: E402
-from sparse_sae.data import TensorSource  # noqa: E402
-from sparse_sae.demo import VARIANTS  # noqa: E402
-from sparse_sae.extract import ShardWriter  # noqa: E402
-from sparse_sae.features.sidecar import SidecarWriter  # noqa: E402
-from sparse_sae.modules import TopKSAE  # noqa: E402
-from sparse_sae.synthetic import make_synthetic  # noqa: E402
-from sparse_sae.train import Trainer, input_scale_for  # noqa: E402
+from sparse_sae.eval.demo import VARIANTS  # noqa: E402
+from sparse_sae.eval.synthetic import make_synthetic  # noqa: E402
+from sparse_sae.io.extract import ShardWriter  # noqa: E402
+from sparse_sae.io.sidecar import SidecarWriter  # noqa: E402
+from sparse_sae.saes import TopKSAE  # noqa: E402
+from sparse_sae.training.config import TrainConfig  # noqa: E402
+from sparse_sae.training.data import TensorSource  # noqa: E402
+from sparse_sae.training.trainer import Trainer, input_scale_for  # noqa: E402
 
 RUNS = {"topk-offl1": "top-k + off-support l1", "topk": "top-k"}
 
 
 def train_runs(data, out: Path, steps: int, batch_size: int = 128, n_latents: int = 2048, k: int = 8,
                seed: int = 0, lr: float = 8e-3) -> None:
-    """The demo's training (sparse_sae.demo.run_demo) for two of its variants, each saved to out/NAME/final."""
+    """The demo's training (sparse_sae.eval.demo.run_demo) for two of its variants, each saved to out/NAME/final."""
     pool = data.sample(steps * batch_size, torch.Generator().manual_seed(seed + 1))
     scale = input_scale_for(pool[:8192])
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
@@ -61,7 +61,7 @@ def write_data(data, out: Path, rows: int, seed: int = 0) -> None:
     x = data.sample(rows, gen)
     codes = torch.zeros(rows, data.n_features)
     codes.index_put_((r, f), m, accumulate=True)
-    writer = ShardWriter(out / "acts", shard_rows=4096, metadata={"source": "sparse_sae.synthetic (demo data)"})
+    writer = ShardWriter(out / "acts", shard_rows=4096, metadata={"source": "sparse_sae.eval.synthetic (demo data)"})
     sidecar = SidecarWriter(out / "acts", "label")
     writer.add(x)
     labels = []

@@ -39,8 +39,8 @@ from dense_topk import DenseTopKSAE  # noqa: E402
 from roofline import stage_floors, step_floors  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
-from sparse_sae import ops, reference  # noqa: E402
-from sparse_sae.backends import backend_for  # noqa: E402
+from sparse_sae import ops  # noqa: E402
+from sparse_sae.ops._registry import backend_for  # noqa: E402
 from sparse_sae.ops.select import _select_reference as select_reference  # noqa: E402
 
 COEF_OFF, COEF_RATIO = 0.02, 0.01

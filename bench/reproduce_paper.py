@@ -2,7 +2,7 @@
 
 Plain Top-k against Top-k + off-support l1 and Top-k + l1/l2 ratio, at several k and a small
 sweep of each coefficient, every run with the demo's data and training budget
-(:func:`sparse_sae.demo.run_demo`: 2048 true features in d=192, power-law frequencies,
+(:func:`sparse_sae.eval.demo.run_demo`: 2048 true features in d=192, power-law frequencies,
 correlated groups; SAE with 2048 latents; 1000 steps of 128 rows, lr 8e-3). Each trained SAE is
 evaluated with :func:`sparse_sae.eval.evaluate` on 4096 held-out rows:
 
@@ -21,10 +21,10 @@ regularizers' effect from merely reviving dead latents (the demo trains without 
 Comparison at matched FVU: a regularized run counts as matched when its FVU is within 2%
 (relative) of plain Top-k's at the same k and seed.
 
-    .venv/bin/python bench/reproduce_paper.py --threads 1 --out bench/RESULTS_paper.md
+    .venv/bin/python bench/reproduce_paper.py --threads 1 --out bench/results/paper.md
     # plain Top-k at more k, for the matched-FVU frontier, merged into the same tables:
     .venv/bin/python bench/reproduce_paper.py --threads 1 --ks 5 6 10 12 20 24 --off --ratio --no-auxk \
-        --json bench/RESULTS_paper_plain.json --merge bench/RESULTS_paper.json --out bench/RESULTS_paper.md
+        --json bench/results/paper_plain.json --merge bench/results/paper.json --out bench/results/paper.md
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 
 import sparse_sae
-from sparse_sae.config import TrainConfig
-from sparse_sae.data import TensorSource
 from sparse_sae.eval import evaluate
-from sparse_sae.modules import TopKSAE
+from sparse_sae.eval.synthetic import make_synthetic
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1
-from sparse_sae.synthetic import make_synthetic
-from sparse_sae.train import Trainer, input_scale_for
+from sparse_sae.saes import TopKSAE
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.data import TensorSource
+from sparse_sae.training.trainer import Trainer, input_scale_for
 
 METRICS = ["fvu", "l0", "recovered", "mean_max_cos", "matching_score", "ms_mean", "ms_median",
            "fvu_k/4", "fvu_k/2", "fvu_2k", "fvu_4k", "dead"]
@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--render-only", action="store_true", help="train nothing: render the --merge runs to --out")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--match", type=float, default=0.02, help="relative FVU tolerance for 'matched' (default 0.02)")
-    p.add_argument("--out", default="bench/RESULTS_paper.md")
+    p.add_argument("--out", default="bench/results/paper.md")
     p.add_argument("--json", default=None, help="also write every run as JSON (default: OUT with .json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,7 +152,7 @@ def render(runs, args, elapsed) -> str:
              f"Command: `{cmd}`  ", f"Environment: sparse_sae {sparse_sae.__version__}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, CPU ({os.cpu_count()} cores, {args.threads} thread(s)), "
              f"float32; {len(runs)} runs" + (f" (this invocation: {elapsed / 60:.1f} min)" if not args.render_only
-                                               else f" (times per run in the JSON)") + ".  ",
+                                               else " (times per run in the JSON)") + ".  ",
              f"Setup: demo data (2048 true features in d=192), SAE with {args.latents} latents, {args.steps} steps of "
              f"{args.batch_size} rows, lr {args.lr}; seeds {sorted({r['seed'] for r in runs})} (data and init), mean over seeds "
              f"(± sd where shown). Evaluated on 4096 held-out rows. MS: true sparse codes as the independent "

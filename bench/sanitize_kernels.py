@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 import sparse_sae as S
-from sparse_sae import reference as R
-from sparse_sae.backends import _C
+from sparse_sae.ops._registry import _C
 from sparse_sae.ops.group_by_latent import group_by_latent
 
 select_mod = importlib.import_module("sparse_sae.ops.select")

@@ -180,11 +180,11 @@ def environment(device, dtype, threads: int) -> dict:
     from importlib import metadata
 
     import torch
-
-    import sparse_sae as S
     from cpu_step import environment as cpu_env
     from peers import ADAPTERS, load
-    from sparse_sae.backends import backend_for
+
+    import sparse_sae as S
+    from sparse_sae.ops._registry import backend_for
     env = cpu_env()
     env.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch_threads=threads,
                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), platform=platform.platform(),
@@ -206,7 +206,7 @@ def environment(device, dtype, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------- main
 def run(args, command: str, save=None) -> dict:
     import torch
-    from peers.common import (BANDWIDTH, COEF_L0, COEF_L1, COEF_OFF, COEF_RATIO, THETA, Unavailable)
+    from peers.common import BANDWIDTH, COEF_L0, COEF_L1, COEF_OFF, COEF_RATIO, THETA, Unavailable
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")

@@ -15,6 +15,7 @@
 #include "checks.h"
 #include "csc.h"
 #include "kernels.h"
+#include "serial_blas.h"
 #include "vec.h"
 
 namespace sparse_sae {
@@ -115,6 +116,7 @@ void dense_block_gemms(const torch::Tensor& Gb, const torch::Tensor& xt_b, const
     // grad mode is thread-local and on in OpenMP's worker threads: without this, an in-place GEMM
     // with W_enc (a parameter that requires grad) would try to record autograd history there
     at::NoGradGuard no_grad;
+    SerialBlasGuard serial_blas;  // one MKL thread in this task: see serial_blas.h
     if (t < n_lat) {
       const int64_t c0 = t * kLatents, nc = std::min(kLatents, Fa - c0);
       auto Gc = Gb.narrow(1, c0, nc);

@@ -21,6 +21,7 @@
 
 #include "checks.h"
 #include "kernels.h"
+#include "serial_blas.h"
 #include "vec.h"
 
 namespace sparse_sae {
@@ -206,6 +207,7 @@ std::vector<torch::Tensor> dense_backward_impl(const torch::Tensor& x, const tor
     // grad mode is thread-local (on in a worker thread): GEMMs into views of our outputs must
     // not be recorded, W_enc requires grad
     at::NoGradGuard task_no_grad;
+    SerialBlasGuard serial_blas;  // one MKL thread in this task: see serial_blas.h
     if (t < n_lat) {
       const int64_t c0 = t * kLatents, nc = std::min(kLatents, F - c0);
       auto Gc = torch::empty({B, nc}, x.options());

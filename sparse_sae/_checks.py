@@ -1,6 +1,8 @@
 """Argument checks raised before any computation, each message naming the problem."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -12,6 +14,21 @@ def check_int(value, name: str, low: int, high: int | None = None) -> int:
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def check_optional_int(value, name: str, low: int, high: int | None = None) -> int | None:
+    """``check_int``, or None."""
+    return None if value is None else check_int(value, name, low, high)
+
+
+def check_real(value, name: str, *, positive: bool = False) -> float:
+    """A finite real number (an int or a float, not a bool): ``> 0`` with ``positive``, else ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")
     return value
 
 

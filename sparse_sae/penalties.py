@@ -14,20 +14,10 @@ L0                 ``l0``                       JumpReLUSAE
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
+from sparse_sae._checks import check_int, check_optional_int, check_real
 from sparse_sae.reference import RATIO_EPS
-
-
-def check_coef(coef, name: str = "coef") -> float:
-    """A penalty coefficient: a finite, non-negative real number."""
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(coef).__name__}")
-    coef = float(coef)
-    if not math.isfinite(coef) or coef < 0:
-        raise ValueError(f"{name} must be finite and non-negative, got {coef}")
-    return coef
 
 
 @dataclass(frozen=True)
@@ -37,7 +27,7 @@ class Penalty:
     name = "penalty"
 
     def __post_init__(self):
-        object.__setattr__(self, "coef", check_coef(self.coef, f"{type(self).__name__}.coef"))
+        object.__setattr__(self, "coef", check_real(self.coef, f"{type(self).__name__}.coef"))
 
     def to_config(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
@@ -59,8 +49,7 @@ class L1L2Ratio(Penalty):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"L1L2Ratio.eps must be a finite positive number, got {self.eps!r}")
+        check_real(self.eps, "L1L2Ratio.eps", positive=True)
 
 
 @dataclass(frozen=True)
@@ -86,13 +75,9 @@ class AuxK:
     dead_after_tokens: int = 10_000_000
 
     def __post_init__(self):
-        object.__setattr__(self, "coef", check_coef(self.coef, "AuxK.coef"))
-        if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int)
-                                       or self.k_aux < 1):
-            raise ValueError(f"AuxK.k_aux must be a positive int or None, got {self.k_aux!r}")
-        if isinstance(self.dead_after_tokens, bool) or not isinstance(self.dead_after_tokens, int) \
-                or self.dead_after_tokens < 1:
-            raise ValueError(f"AuxK.dead_after_tokens must be a positive int, got {self.dead_after_tokens!r}")
+        object.__setattr__(self, "coef", check_real(self.coef, "AuxK.coef"))
+        check_optional_int(self.k_aux, "AuxK.k_aux", 1)
+        check_int(self.dead_after_tokens, "AuxK.dead_after_tokens", 1)
 
     def to_config(self) -> dict:
         return {"type": "AuxK", **asdict(self)}

@@ -333,7 +333,12 @@ def auxk_loss_ref(x, recon, aux_values, aux_indices, W_dec, any_dead):
     The gradient reaches ``W_dec`` and, through ``aux_values``, the encoder.
     """
     e = (x - recon).detach()
-    e_hat = dense_code_ref(aux_values, aux_indices, W_dec.shape[0]) @ W_dec
+    return auxk_loss_from_residual(e, dense_code_ref(aux_values, aux_indices, W_dec.shape[0]) @ W_dec, any_dead)
+
+
+def auxk_loss_from_residual(e, e_hat, any_dead):
+    """AuxK's loss once the residual ``e`` and its reconstruction ``e_hat`` by the dead latents
+    are known (the modules decode ``e_hat`` sparsely): ``fvu(e, e_hat)``, 0 when nothing is dead."""
     loss = fvu_ref(e, e_hat)
     return torch.where(any_dead, loss, torch.zeros_like(loss))
 

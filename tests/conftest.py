@@ -41,7 +41,7 @@ def assert_module_backend_matches_reference(sae, x, backend: str, monkeypatch, *
     """One forward and backward of ``sae`` on ``x`` under ``SPARSE_SAE_BACKEND=reference`` and under
     ``backend``, from the same state: loss, loss terms, reconstruction, support and every
     parameter gradient must agree."""
-    from sparse_sae.backends import backend_for
+    from sparse_sae.ops._registry import backend_for
     outs = []
     for name in ("reference", backend):
         monkeypatch.setenv("SPARSE_SAE_BACKEND", name)

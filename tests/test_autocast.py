@@ -4,9 +4,9 @@ parameters and their gradients stay float32, and the step matches the float32 st
 bf16 tolerances. On the CPU here; the same test runs on CUDA tensors when a GPU is there."""
 import pytest
 import torch
+from conftest import rand
 
 import sparse_sae as S
-from conftest import rand
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,8 +10,8 @@ import torch
 
 import sparse_sae as S
 from sparse_sae.cli import main
-from sparse_sae.config import TrainConfig
-from sparse_sae.train import Trainer
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.trainer import Trainer
 
 D = 16
 
@@ -33,7 +33,7 @@ def test_help(capsys, command):
 
 def test_optional_commands_are_wired(capsys):
     try:
-        import sparse_sae.eval.cli  # noqa: F401
+        import sparse_sae.cli.eval  # noqa: F401
     except ModuleNotFoundError:
         assert main(["eval", "x"]) == 2
         assert "not available yet" in capsys.readouterr().err

@@ -4,11 +4,11 @@ import struct
 
 import pytest
 import torch
+from conftest import assert_module_backend_matches_reference, rand
 
 import sparse_sae as S
 from sparse_sae import reference as R
-from sparse_sae.backends import _C
-from conftest import assert_module_backend_matches_reference, rand
+from sparse_sae.ops._registry import _C
 
 pytestmark = pytest.mark.skipif(_C is None, reason="extension not built")
 DTYPES = [torch.float32, torch.float64]

@@ -2,11 +2,11 @@
 the CUDA build itself (runs without one)."""
 import pytest
 import torch
+from conftest import rand
 
-from sparse_sae.backends import _C
+from sparse_sae.ops._registry import _C
 from sparse_sae.ops.group_by_latent import group_by_latent, group_by_latent_ref
 from sparse_sae.ops.select import _select_reference
-from conftest import rand
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or _C is None or not _C.with_cuda,
                          reason="needs a GPU and the CUDA part of the extension")
@@ -166,8 +166,8 @@ def test_select_cuda_large_k_aux_keeps_the_main_selection_on_the_kernel(gen):
 def test_training_step_makes_no_host_sync_on_the_gpu(gen, tmp_path):
     """After warm-up, a regularized Top-k step with AuxK (and BatchTopK at a fixed width) runs
     under torch.cuda.set_sync_debug_mode("error"): any synchronising call raises."""
-    from sparse_sae.config import TrainConfig
-    from sparse_sae.train import Trainer
+    from sparse_sae.training.config import TrainConfig
+    from sparse_sae.training.trainer import Trainer
     for arch, extra in (("topk", dict(off_support_l1=0.1, l1_l2_ratio=0.01, auxk=0.05)),
                         ("batchtopk", dict(off_support_l1=0.1, max_k_per_row=12))):
         cfg = TrainConfig(architecture=arch, steps=50, batch_size=256, n_latents=1024, k=8, log_every=50,

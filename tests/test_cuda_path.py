@@ -10,12 +10,12 @@ import inspect
 
 import pytest
 import torch
+from conftest import rand
 
 import sparse_sae as S
-from sparse_sae import distributed
-from sparse_sae.backends import _C, _IMPLS
+from sparse_sae.ops._registry import _C, _IMPLS
 from sparse_sae.ops.select import _select_reference
-from conftest import rand
+from sparse_sae.training import distributed
 
 select_mod = importlib.import_module("sparse_sae.ops.select")   # the module (sparse_sae.ops.select is the op)
 
@@ -131,7 +131,7 @@ def test_every_triton_launcher_enters_a_device_guard(monkeypatch):
 
 def test_device_guard_selects_the_tensors_gpu():
     pytest.importorskip("triton")
-    from sparse_sae.ops.triton_backend import device_guard
+    from sparse_sae.ops._triton import device_guard
     guard = device_guard(torch.device("cuda", 3))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 3
     with device_guard(torch.device("cpu")):   # the interpreter's CPU tensors: nothing to select
@@ -154,9 +154,9 @@ def test_a_cuda_rank_makes_its_gpu_current(monkeypatch):
 def test_training_log_never_packs_a_dense_code(gen, monkeypatch, tmp_path, make):
     """On a GPU, packing a dense code at init (half of F per row) leaves the kernels (it used to
     raise): l0 for the log comes from the dense code itself."""
-    from sparse_sae.config import TrainConfig
-    from sparse_sae.metrics_log import read_metrics
-    from sparse_sae.train import Trainer
+    from sparse_sae.training.config import TrainConfig
+    from sparse_sae.training.metrics_log import read_metrics
+    from sparse_sae.training.trainer import Trainer
     sae = make()
     x = rand(gen, 40, 12, dtype=torch.float32)
     out = sae(x)

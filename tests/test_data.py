@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparse_sae.data import ActivationLoader, NpySource, ShardSource, TensorSource, open_source
+from sparse_sae.training.data import ActivationLoader, NpySource, TensorSource, open_source
 
 
 def _rows(n, d=5, start=0):

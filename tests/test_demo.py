@@ -1,9 +1,10 @@
 """The demo (at a tiny size) and its synthetic data."""
 import torch
 
-from sparse_sae.demo import VARIANTS, run_demo
-from sparse_sae.modules import TopKSAE
-from sparse_sae.synthetic import feature_recovery, make_synthetic
+from sparse_sae.eval.demo import VARIANTS, run_demo
+from sparse_sae.eval.recovery import feature_recovery
+from sparse_sae.eval.synthetic import make_synthetic
+from sparse_sae.saes import TopKSAE
 
 
 def test_demo_prints_table_and_writes_plot(tmp_path):

@@ -11,10 +11,22 @@ import torch
 import sparse_sae as S
 from sparse_sae import reference
 from sparse_sae.cli import main
-from sparse_sae.eval import (MonosemanticityAccumulator, ReconstructionStats, SparseCodes, density_histogram,
-                             evaluate, feature_recovery, fit_logistic, forward_at_k, k_values,
-                             linear_sum_assignment, monosemanticity, probe, top_latents_per_class, write_report)
-from sparse_sae.eval import recovery as recovery_mod
+from sparse_sae.eval import (
+    MonosemanticityAccumulator,
+    ReconstructionStats,
+    SparseCodes,
+    density_histogram,
+    evaluate,
+    feature_recovery,
+    fit_logistic,
+    forward_at_k,
+    k_values,
+    linear_sum_assignment,
+    monosemanticity,
+    probe,
+    top_latents_per_class,
+    write_report,
+)
 
 
 # ------------------------------------------------------------------ reconstruction and sparsity
@@ -317,7 +329,7 @@ D, F, K, N = 12, 40, 4, 230
 
 @pytest.fixture
 def saved_run(tmp_path, gen):
-    from sparse_sae.synthetic import make_synthetic
+    from sparse_sae.eval.synthetic import make_synthetic
     data = make_synthetic(n_features=30, d=D, mean_active=3.0, seed=1)
     x = data.sample(N, gen)
     np.save(tmp_path / "acts.npy", x.numpy())

@@ -7,8 +7,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
-from sparse_sae.data import open_source  # noqa: E402
-from sparse_sae.extract import extract  # noqa: E402
+from sparse_sae.io.extract import extract  # noqa: E402
+from sparse_sae.training.data import open_source  # noqa: E402
 
 HIDDEN = 32
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_sae.data import ActivationSource, TensorSource
 from sparse_sae.features.build import build_features, match_latents, sample_latents
 from sparse_sae.features.collect import HIST_BINS, FeatureCollector, collect, hist_bin
-from sparse_sae.features.sidecar import SIDECAR_JSON, read_sidecar
 from sparse_sae.features.topn import sample_scores
-from sparse_sae.modules import TopKSAE
+from sparse_sae.io.sidecar import SIDECAR_JSON, read_sidecar
+from sparse_sae.saes import TopKSAE
+from sparse_sae.training.data import ActivationSource, TensorSource
 
 HIDDEN = 32
 
@@ -196,7 +196,7 @@ def _sae_dir(tmp_path, name, d, n_latents=24, k=3, seed=0):
 
 @pytest.fixture(scope="module")
 def text_site(tmp_path_factory):
-    from sparse_sae.extract import extract
+    from sparse_sae.io.extract import extract
 
     tmp = tmp_path_factory.mktemp("text")
     model = _text_model(tmp)
@@ -256,7 +256,7 @@ def test_site_is_deterministic(text_site, tmp_path):
 def test_vision_site_has_thumbnails_and_patch_heatmaps(tmp_path):
     from test_extract import _images, _vision_model
 
-    from sparse_sae.extract import extract
+    from sparse_sae.io.extract import extract
 
     model = _vision_model(tmp_path, "dinov2")
     images = _images(tmp_path / "images")
@@ -324,7 +324,7 @@ def _demo_site(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from sparse_sae.synthetic import make_synthetic
+    from sparse_sae.eval.synthetic import make_synthetic
 
     spec = importlib.util.spec_from_file_location(
         "features_demo", Path(__file__).resolve().parents[1] / "bench" / "features_demo.py")
@@ -339,9 +339,9 @@ def _demo_site(tmp_path):
 
 
 def test_demo_data_site_shows_labels_and_monosemanticity(tmp_path):
-    from sparse_sae.data import open_source
     from sparse_sae.eval.monosemanticity import monosemanticity
-    from sparse_sae.serialization import load
+    from sparse_sae.saes import load
+    from sparse_sae.training.data import open_source
 
     site = _demo_site(tmp_path)
     index = parse_page(site / "index.html")

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparse_sae as S
-from sparse_sae import interop
 from sparse_sae.cli import main
-from sparse_sae.extract import ShardWriter
-from sparse_sae.interop import from_saelens, from_sparsify, read_saelens, read_sparsify, to_saelens, to_sparsify
+from sparse_sae.io import interop
+from sparse_sae.io.extract import ShardWriter
+from sparse_sae.io.interop import from_saelens, from_sparsify, read_saelens, read_sparsify, to_saelens, to_sparsify
 
 D, F, K = 12, 40, 3
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "bench" / "peers" / "requirements.txt"

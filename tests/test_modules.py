@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import assert_grads_close, rand
 
 import sparse_sae as S
 from sparse_sae import reference as R
-from conftest import assert_grads_close, rand
 
 D, F, K, B = 19, 97, 5, 33
 
@@ -300,7 +300,7 @@ def test_package_works_without_extension_and_says_so_once(tmp_path):
         "    for _ in range(3): sae(torch.randn(5, 8)).loss.backward()\n"
         "msgs = [str(m.message) for m in w if 'extension' in str(m.message)]\n"
         "assert len(msgs) == 1, msgs\n"
-        "from sparse_sae.backends import backend_for\n"
+        "from sparse_sae.ops._registry import backend_for\n"
         "assert backend_for('sparse_decode', torch.device('cpu')) == 'reference'\n"
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -308,7 +308,7 @@ def test_package_works_without_extension_and_says_so_once(tmp_path):
 
 
 def test_forced_backend_errors_clearly(monkeypatch):
-    from sparse_sae.backends import backend_for
+    from sparse_sae.ops._registry import backend_for
     monkeypatch.setenv("SPARSE_SAE_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="no triton implementation"):
         backend_for("encode", torch.device("cpu"))
@@ -317,3 +317,53 @@ def test_forced_backend_errors_clearly(monkeypatch):
         backend_for("encode", torch.device("cpu"))
     monkeypatch.setenv("SPARSE_SAE_BACKEND", "reference")
     assert backend_for("sparse_decode", torch.device("cpu")) == "reference"
+
+
+ALL_ARCHITECTURES = [
+    lambda: S.TopKSAE(D, F, K, [S.OffSupportL1(0.1), S.L1L2Ratio(0.05)], auxk=S.AuxK(0.5, dead_after_tokens=1),
+                      dtype=torch.float64),
+    lambda: S.BatchTopKSAE(D, F, K, [S.OffSupportL1(0.1)], dtype=torch.float64),
+    lambda: S.ReLUSAE(D, F, [S.DecoderNormL1(0.1)], dtype=torch.float64),
+    lambda: S.JumpReLUSAE(D, F, [S.L0(0.1), S.DecoderNormL1(0.1)], dtype=torch.float64),
+]
+
+
+@pytest.mark.parametrize("make", ALL_ARCHITECTURES)
+def test_encode_has_no_side_effect_and_takes_one_row(gen, make):
+    """``encode`` in training mode changes no buffer (firing statistics, BatchTopK's threshold),
+    gives the code ``forward`` gives, and works on a single row (which FVU cannot take)."""
+    sae = make()
+    _randomise(sae, gen)
+    sae.tokens_since_fired.fill_(7)
+    x = rand(gen, B, D)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    values, indices = sae.encode(x)
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    out = sae(x)
+    torch.testing.assert_close(sae.dense_code(values, indices), out.dense_code(), rtol=0, atol=0)
+    assert not torch.equal(sae.tokens_since_fired, before["tokens_since_fired"])   # forward does update them
+    v1, i1 = sae.encode(x[:1])
+    assert v1.shape[0] == i1.shape[0] == 1
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        sae(x[:1])
+
+
+@pytest.mark.parametrize("make", ALL_ARCHITECTURES)
+def test_loss_weights_the_terms_once(gen, make):
+    """``out.loss`` is ``sae.loss(out)``, and ``sae.loss`` is recon + sum of coef * term (+ AuxK),
+    written out here from the coefficients; ``penalty_scale`` and ``recon_scale`` scale their parts."""
+    sae = make()
+    _randomise(sae, gen)
+    sae.tokens_since_fired.fill_(5)     # every latent dead for AuxK (dead after 1 row)
+    out = sae(rand(gen, B, D))
+    terms = out.losses
+    pen = sum(p.coef * terms[p.name] for p in sae.penalties)
+    aux = sae.auxk.coef * terms["auxk"] if "auxk" in terms else 0.0
+    assert set(terms) == {"recon"} | {p.name for p in sae.penalties} | ({"auxk"} if "auxk" in terms else set())
+    torch.testing.assert_close(out.loss, terms["recon"] + pen + aux)
+    torch.testing.assert_close(sae.loss(out), out.loss)
+    torch.testing.assert_close(sae.loss(out, penalty_scale=0.25, recon_scale=3.0),
+                               3.0 * terms["recon"] + 0.25 * pen + aux)
+    if isinstance(sae, S.TopKSAE) and sae.auxk is not None:
+        assert float(terms["auxk"].detach()) > 0    # the AuxK term is live

@@ -2,12 +2,12 @@
 equal plain autograd through the reference formulas, in float64 on awkward shapes."""
 import pytest
 import torch
+from conftest import assert_grads_close, rand, sae_params
 
 import sparse_sae.ops as ops
 from sparse_sae import reference as R
 from sparse_sae._checks import check_op_args
-from sparse_sae.backends import _C
-from conftest import assert_grads_close, rand, sae_params
+from sparse_sae.ops._registry import _C
 
 SHAPES = [  # B, D, F, k: tiny, k = 1, k = F, nothing a power of two
     (1, 7, 13, 1),

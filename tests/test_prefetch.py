@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_sae.data import ActivationLoader, NonFiniteDataError, open_source
-from sparse_sae.prefetch import PrefetchingLoader
+from sparse_sae.training.data import ActivationLoader, NonFiniteDataError, open_source
+from sparse_sae.training.prefetch import PrefetchingLoader
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The reference math against direct, loop-by-loop computations of DESIGN.md section 2."""
 import pytest
 import torch
+from conftest import rand
 
 from sparse_sae import reference as R
-from conftest import rand
 
 
 def test_topk_tie_rule_goes_to_lower_index():

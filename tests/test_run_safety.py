@@ -11,20 +11,19 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import sparse_sae as S
-from sparse_sae.checkpoint import MANIFEST_FILE, latest_checkpoint, read_checkpoint
 from sparse_sae.cli import main
-from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, NonFiniteDataError, check_finite_rows, open_source
-from sparse_sae.metrics_log import MetricsLog, read_metrics
-from sparse_sae.run_lock import RunLockedError
-from sparse_sae.train import Trainer
+from sparse_sae.training.checkpoint import MANIFEST_FILE, latest_checkpoint, read_checkpoint
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.data import ActivationLoader, NonFiniteDataError, check_finite_rows, open_source
+from sparse_sae.training.metrics_log import MetricsLog, read_metrics
+from sparse_sae.training.run_lock import RunLockedError
+from sparse_sae.training.trainer import Trainer
 
 D = 16
 
@@ -280,7 +279,7 @@ def test_a_failure_while_resume_truncates_metrics_loses_nothing(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 1.0 / s, "note": "x" * 100} for s in range(1, 9)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = f"from sparse_sae.metrics_log import MetricsLog; MetricsLog({str(path)!r}, truncate_after=4)"
+    code = f"from sparse_sae.training.metrics_log import MetricsLog; MetricsLog({str(path)!r}, truncate_after=4)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: _fsize_limit(200))
     assert proc.returncode != 0 and "File too large" in proc.stderr
@@ -293,8 +292,8 @@ def test_a_failure_while_resume_truncates_metrics_loses_nothing(tmp_path):
 # ---------------------------------------------------------------------------------------- 5. file modes
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_are_created_with_the_umask(tmp_path, data, umask):
-    from sparse_sae import interop
-    from sparse_sae.extract import ShardWriter
+    from sparse_sae.io import interop
+    from sparse_sae.io.extract import ShardWriter
 
     old = os.umask(umask)
     try:
@@ -449,7 +448,7 @@ def test_load_returns_eval_mode(tmp_path, gen):
 
 
 def test_npy_next_to_shards_is_named_and_oversized_batch_refused(tmp_path, data):
-    from sparse_sae.extract import ShardWriter
+    from sparse_sae.io.extract import ShardWriter
 
     writer = ShardWriter(tmp_path / "acts", shard_rows=500)
     writer.add(data)

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
+from conftest import rand
 
 import sparse_sae as S
-from conftest import rand
 
 
 def _saved_shapes(sae, x):
@@ -75,8 +75,8 @@ def test_training_steps_make_no_host_sync_outside_log_steps(gen, tmp_path, monke
     GPU the same holds under torch.cuda.set_sync_debug_mode("error") (tests/test_cuda_kernels.py).
     Not yet ReLU/JumpReLU: their threshold code picks its regime (and JumpReLU its band width) on
     the host, once a step."""
-    from sparse_sae.config import TrainConfig
-    from sparse_sae.train import Trainer
+    from sparse_sae.training.config import TrainConfig
+    from sparse_sae.training.trainer import Trainer
     cfg = TrainConfig(architecture=arch, steps=50, batch_size=64, n_latents=96, k=4, log_every=50,
                       checkpoint_every=0, dead_after_tokens=128, out_dir=str(tmp_path), progress=False, **extra)
     trainer = Trainer(cfg, rand(gen, 700, 24, dtype=torch.float32))

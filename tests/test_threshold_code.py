@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_grads_close, assert_module_backend_matches_reference, rand
 
 import sparse_sae as S
 from sparse_sae import reference as R
 from sparse_sae.ops.threshold_code import _threshold_code_reference, threshold_code
-from conftest import assert_grads_close, assert_module_backend_matches_reference, rand
 
 REGIMES = ["dense", "sparse"]
 
@@ -162,39 +162,67 @@ def test_module_cpu_backend_equals_reference_backend_in_each_regime(gen, monkeyp
     assert_module_backend_matches_reference(sae, x, "cpu", monkeypatch, **tol)
 
 
-@pytest.mark.parametrize("regime", ["dense", "sparse"])
-def test_same_bits_for_any_thread_count(gen, regime):
-    """Every gradient of a step, the threshold's included, is the same bits on 1, 2 and 3 threads
-    (fixed chunking, by-latent accumulation in entry order, integer counts)."""
-    B, D, F = 301, 67, 1100   # several row blocks, latent chunks and dx row chunks
-    sae = S.JumpReLUSAE(D, F, [S.L0(0.1), S.DecoderNormL1(0.1)], bandwidth=0.3, dtype=torch.float32)
-    sae.code_regime = regime
-    with torch.no_grad():
-        sae.W_enc.copy_(rand(gen, F, D, dtype=torch.float32) / D ** 0.5)
-        sae.b_enc.copy_(rand(gen, F, dtype=torch.float32, scale=0.3) - (1.0 if regime == "sparse" else 0.0))
-        sae.log_threshold.copy_(rand(gen, F, dtype=torch.float32, scale=0.5) + math.log(0.3))
-    x = rand(gen, B, D, dtype=torch.float32)
+def _on_each_thread_count(fn):
+    """``fn()`` run on 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
-    results = []
     try:
+        results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            xr = x.clone().requires_grad_()
-            sae.zero_grad()
-            out = sae(xr)
-            out.loss.backward()
-            results.append([out.loss.detach(), xr.grad] + [p.grad.clone() for p in sae.parameters()])
+            results.append(fn())
+        return results
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sparse_step_same_bits_for_any_thread_count(gen):
+    """Every gradient of a step in the sparse regime, the threshold's included, is the same bits
+    on 1, 2 and 3 threads (fixed chunking, by-latent accumulation in entry order, integer counts)."""
+    B, D, F = 301, 67, 1100   # several row blocks, latent chunks and dx row chunks
+    sae = S.JumpReLUSAE(D, F, [S.L0(0.1), S.DecoderNormL1(0.1)], bandwidth=0.3, dtype=torch.float32)
+    sae.code_regime = "sparse"
+    with torch.no_grad():
+        sae.W_enc.copy_(rand(gen, F, D, dtype=torch.float32) / D ** 0.5)
+        sae.b_enc.copy_(rand(gen, F, dtype=torch.float32, scale=0.3) - 1.0)
+        sae.log_threshold.copy_(rand(gen, F, dtype=torch.float32, scale=0.5) + math.log(0.3))
+    x = rand(gen, B, D, dtype=torch.float32)
+
+    def step():
+        xr = x.clone().requires_grad_()
+        sae.zero_grad()
+        out = sae(xr)
+        out.loss.backward()
+        return [out.loss.detach(), xr.grad] + [p.grad.clone() for p in sae.parameters()]
+
+    results = _on_each_thread_count(step)
     names = ["loss", "dx"] + [n for n, _ in sae.named_parameters()]
     for other in results[1:]:
         for name, a, b in zip(names, results[0], other):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("jump", [False, True])
+def test_dense_backward_kernel_same_bits_for_any_thread_count(gen, jump):
+    """The dense regime's encoder backward (the C++ kernel) is the same bits on 1, 2 and 3
+    threads. (The dense regime's decode, ``a @ W_dec``, is ATen's GEMM, whose bits may change
+    with the thread count on some BLAS, MKL on Intel among them: README, "Determinism".)"""
+    _C = pytest.importorskip("sparse_sae._C")
+    B, D, F = 301, 67, 1100
+    f32 = {"dtype": torch.float32}
+    x, W, b_dec = rand(gen, B, D, **f32), rand(gen, F, D, **f32) / D ** 0.5, rand(gen, D, scale=0.1, **f32)
+    z = R.encode_ref(x, W, rand(gen, F, scale=0.3, **f32), b_dec, relu=False)
+    theta = (rand(gen, F, scale=0.5, **f32) + math.log(0.3)).exp() if jump else None
+    g = rand(gen, B, F, **f32)
+    assert (z > 0).double().mean() > 0.3    # a dense code
+    results = _on_each_thread_count(lambda: _C.threshold_dense_backward_cpu(x, W, b_dec, z, theta, 0.3, g, True))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- adaptive sparsity
 def _trained_topk_on_demo_data(steps=60, D=32, F=256, k=6):
-    from sparse_sae.synthetic import make_synthetic
+    from sparse_sae.eval.synthetic import make_synthetic
     data = make_synthetic(n_features=96, d=D, seed=3)
     torch.manual_seed(0)
     sae = S.TopKSAE(D, F, k)

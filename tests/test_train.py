@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import sparse_sae as S
-from sparse_sae.checkpoint import latest_checkpoint
-from sparse_sae.config import TrainConfig
-from sparse_sae.metrics_log import read_metrics
-from sparse_sae.train import NonFiniteLossError, Trainer, lr_at, penalty_scale_at
+from sparse_sae.training.checkpoint import latest_checkpoint
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.metrics_log import read_metrics
+from sparse_sae.training.trainer import NonFiniteLossError, Trainer, lr_at, penalty_scale_at
 
 D = 24
 
@@ -117,7 +117,7 @@ def test_schedules():
 
 
 def test_tensorboard_needs_its_package(tmp_path):
-    from sparse_sae.metrics_log import MetricsLog
+    from sparse_sae.training.metrics_log import MetricsLog
     try:
         import tensorboard  # noqa: F401
     except ImportError:

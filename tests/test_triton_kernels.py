@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_module_backend_matches_reference, rand
 
 import sparse_sae as S
 from sparse_sae import reference as R
-from conftest import assert_module_backend_matches_reference, rand
 
 triton = pytest.importorskip("triton")
 
@@ -59,7 +59,7 @@ def test_kernels_under_interpreter():
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.skipif(INTERPRET, reason="checks dispatch without the interpreter")
 def test_triton_backend_dispatch(monkeypatch):
-    from sparse_sae.backends import backend_for
+    from sparse_sae.ops._registry import backend_for
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("SPARSE_SAE_BACKEND", raising=False)
     assert [backend_for(op, cuda) for op in ("encode", "penalty_backward", "sparse_decode",
@@ -77,7 +77,7 @@ def test_triton_backend_dispatch(monkeypatch):
 def test_package_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import os, torch, sparse_sae as S\n"
-            "from sparse_sae.backends import backend_for\n"
+            "from sparse_sae.ops._registry import backend_for\n"
             "S.TopKSAE(8, 30, 3, [S.OffSupportL1(0.1)])(torch.randn(5, 8)).loss.backward()\n"
             "os.environ['SPARSE_SAE_BACKEND'] = 'triton'\n"
             "try:\n    backend_for('encode', torch.device('cuda'))\n"
@@ -129,8 +129,9 @@ PENALTY_CASES = ([(dtype, shape, "both", steps) for dtype in DTYPES for shape in
 def test_penalty_backward(gen, monkeypatch, dtype, shape, terms, sparse_steps):
     """Both ways the sparse part joins the GEMM (one-hot K steps, or a first pass by latent)."""
     B, F, D, k = shape
-    from sparse_sae.ops.triton_backend import penalty_backward_triton
     from sparse_sae.triton_kernels import penalty_backward as kernel
+
+    from sparse_sae.ops._triton import penalty_backward_triton
     monkeypatch.setattr(kernel, "sparse_steps_pay", lambda *a: sparse_steps)
     monkeypatch.setitem(kernel.INTERPRETER_CONFIG, "SKIP_EMPTY", bool(sparse_steps))   # both loop forms
     x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, dtype, slice(64, 128))
@@ -154,8 +155,9 @@ def test_penalty_backward_fp16_small_coefficients(gen, monkeypatch, sparse_steps
     or zero in fp16: the kernel scales each G tile by a power of two before rounding it. Against
     float64; G rounded to fp16 unscaled is off by several percent here."""
     B, F, D, k = 67, 200, 70, 5
-    from sparse_sae.ops.triton_backend import penalty_backward_triton
     from sparse_sae.triton_kernels import penalty_backward as kernel
+
+    from sparse_sae.ops._triton import penalty_backward_triton
     monkeypatch.setattr(kernel, "sparse_steps_pay", lambda *a: sparse_steps)
     x, W, b_dec, h, active, n1, n2, idx, sp_grad = _penalty_case(gen, B, F, D, k, torch.float16, slice(64, 128))
     sp_grad = sp_grad * 2e-7
@@ -193,7 +195,7 @@ def test_fp16_gradient_scale_bounds_every_entry(gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,F,D,k", [(67, 130, 70, 5), (1, 70, 129, 70), (70, 65, 130, 1)])
 def test_sparse_decode(gen, dtype, B, F, D, k):
-    from sparse_sae.ops.triton_backend import sparse_decode_backward_triton, sparse_decode_triton
+    from sparse_sae.ops._triton import sparse_decode_backward_triton, sparse_decode_triton
     values = rand(gen, B, k).abs()
     values[::3, k // 2] = 0   # zero entries (padding, AuxK with nothing dead) read no decoder row
     indices = torch.randint(0, F, (B, k), generator=gen)

@@ -3,12 +3,12 @@ penalties by plain autograd (bench/dense_topk.py); ReLU and JumpReLU likewise.""
 from __future__ import annotations
 
 import torch
+from dense_topk import DenseTopKSAE  # common.py put bench/ on sys.path
 from torch import nn
 
 from sparse_sae import reference
 
 from .common import BANDWIDTH, COEF_L0, COEF_L1, VARIANTS, Runner, coefs, fvu
-from dense_topk import DenseTopKSAE  # common.py put bench/ on sys.path
 
 NAME = "dense"
 PACKAGE = "torch"

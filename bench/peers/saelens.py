@@ -26,8 +26,7 @@ def build(variant: str, w, k: int) -> Runner:
     if variant not in variants():
         raise Unavailable(f"SAELens has no {variant} SAE in this comparison")
     try:
-        from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE,
-                              TopKTrainingSAEConfig)
+        from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     except ImportError as exc:
         raise Unavailable(f"{PACKAGE} not installed (make bench-peers): {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a peer that breaks on import is a skipped row

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sparse_sae
-from sparse_sae.data import check_finite_rows, open_source
+from sparse_sae._version import __version__
 from sparse_sae.eval.metrics import ReconstructionStats
 from sparse_sae.eval.monosemanticity import MonosemanticityAccumulator, summarize_ms
 from sparse_sae.eval.probing import BUDGETS, SparseCodes, probe
 from sparse_sae.eval.recovery import feature_recovery
 from sparse_sae.eval.robustness import K_FACTORS, forward_at_k, k_values
-from sparse_sae.modules import TopKSAE
+from sparse_sae.saes import TopKSAE
+from sparse_sae.training.data import check_finite_rows, open_source
 
 
 def _sae_info(sae) -> dict:
@@ -73,7 +73,7 @@ def _check_rows(what: str, name, rows: int, data_rows: int, n: int) -> None:
 def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_size: int = 4096,
              max_rows: int | None = None, device=None, k_factors=K_FACTORS, budgets=BUDGETS,
              recovery_threshold: float = 0.9, progress=None) -> dict:
-    """Evaluates ``sae`` on ``data`` (anything :func:`sparse_sae.data.open_source` takes).
+    """Evaluates ``sae`` on ``data`` (anything :func:`sparse_sae.training.data.open_source` takes).
 
     ``embeddings``: ``N x E`` (tensor or source) of the same inputs by an independent encoder,
     for the monosemanticity score. ``labels``: ``N`` integers, for probing. ``dictionary``:
@@ -166,7 +166,7 @@ def evaluate(sae, data, *, embeddings=None, labels=None, dictionary=None, batch_
         report["recovery"] = feature_recovery(sae.W_dec, dictionary.to(sae.W_dec.device), recovery_threshold)
         say("recovery done")
 
-    report["environment"] = {"sparse_sae": sparse_sae.__version__, "torch": torch.__version__,
+    report["environment"] = {"sparse_sae": __version__, "torch": torch.__version__,
                              "python": platform.python_version(), "device": str(dev),
                              "threads": torch.get_num_threads()}
     report["time_s"] = round(time.perf_counter() - t0, 3)

@@ -1,4 +1,4 @@
-"""Ground-truth feature recovery, for data with a known dictionary (:mod:`sparse_sae.synthetic`).
+"""Ground-truth feature recovery, for data with a known dictionary (:mod:`sparse_sae.eval.synthetic`).
 
 - ``mean_max_cos``: for each true feature, the best cosine over decoder rows, averaged;
 - ``recovered``: the fraction of true features whose best cosine exceeds ``threshold``;

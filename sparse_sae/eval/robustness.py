@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from sparse_sae.modules import BatchTopKSAE, TopKSAE
+from sparse_sae.saes import BatchTopKSAE, TopKSAE
 
 K_FACTORS = (0.25, 0.5, 1, 2, 4)
 

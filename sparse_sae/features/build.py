@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from sparse_sae.data import open_source
 from sparse_sae.features import site
 from sparse_sae.features.collect import collect
 from sparse_sae.features.examples import fill_context, pick_examples
-from sparse_sae.features.sidecar import read_sidecar
+from sparse_sae.io.sidecar import read_sidecar
+from sparse_sae.training.data import open_source
 
 COMPARE_EXAMPLES = 3
 
@@ -49,8 +49,8 @@ def match_latents(W_a: torch.Tensor, W_b: torch.Tensor, latents_a: torch.Tensor,
 
 
 def _load(run_dir, device):
-    from sparse_sae.eval.cli import resolve_sae_path
-    from sparse_sae.serialization import load
+    from sparse_sae.saes import load
+    from sparse_sae.training.checkpoint import resolve_sae_path
 
     return load(resolve_sae_path(run_dir), device=device)
 

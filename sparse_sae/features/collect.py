@@ -106,7 +106,7 @@ def encode_batch(sae, x: torch.Tensor):
 @torch.no_grad()
 def collect(saes, latent_sets, source, *, n_top: int = 20, n_sample: int = 40, batch_size: int = 4096,
             seed: int = 0, embeddings=None, progress: bool = True) -> list:
-    """One pass over ``source`` (an :class:`~sparse_sae.data.ActivationSource`) with every SAE of
+    """One pass over ``source`` (an :class:`~sparse_sae.training.data.ActivationSource`) with every SAE of
     ``saes`` (each tracking its ``latent_sets`` entry); ``embeddings``: a source with the same
     rows, for monosemanticity. Returns one :class:`LatentStats` per SAE."""
     for sae in saes:

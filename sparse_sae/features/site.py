@@ -143,7 +143,7 @@ def image_example(ex, sidecar, peak: float, thumbs: dict, prefix: str) -> str:
     name = sidecar.meta["images"][image]
     src = thumbs.get(image)
     img = f'<img src="{esc(prefix + src)}" alt="{esc(name)}">' if src else \
-        f'<svg viewBox="0 0 1 1"><text x="0" y="0.5" font-size="0.08">image not found</text></svg>'
+        '<svg viewBox="0 0 1 1"><text x="0" y="0.5" font-size="0.08">image not found</text></svg>'
     grid, overlay = sidecar.meta.get("grid"), ""
     if grid:
         gh, gw = grid

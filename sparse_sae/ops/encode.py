@@ -6,7 +6,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
-from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.ops._registry import _C, dispatch, register_impl
 
 
 @torch.library.custom_op("sparse_sae::encode", mutates_args=())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparse_sae.backends import _C
+from sparse_sae.ops._registry import _C
 
 
 def group_by_latent_ref(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
-from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.ops._registry import _C, dispatch, register_impl
 from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
-from sparse_sae.backends import _C, dispatch, fallback_warning, register_impl
+from sparse_sae.ops._registry import _C, dispatch, fallback_warning, register_impl
 from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
 
 MODES = ("topk", "batchtopk", "threshold")
@@ -38,17 +38,25 @@ def _select(h: Tensor, k: int, mode: str, width: int, threshold: Optional[Tensor
     return tuple(dispatch("select", h.device)(h, k, mode, width, threshold, dead, k_aux, norms))
 
 
-@_select.register_fake
-def _(h, k, mode, width, threshold, dead, k_aux, norms=True):
-    B, F = h.shape
+def fake_code_widths(k: int, mode: str, width: int, dead: Optional[Tensor], k_aux: int, F: int):
+    """The code's width and the AuxK width that a selection returns, for the fake (meta)
+    implementations of ``select`` and the ops built on it: ``k`` for Top-k, ``min(width, F)``
+    for a fixed width, else a size known only at run time; ``k_aux`` clamped to ``F`` as every
+    backend does, 0 without dead latents."""
     if mode == "topk":
         w = k
     elif width > 0:
         w = min(width, F)
     else:
         w = torch.library.get_ctx().new_dynamic_size()
+    return w, (min(k_aux, F) if dead is not None else 0)
+
+
+@_select.register_fake
+def _(h, k, mode, width, threshold, dead, k_aux, norms=True):
+    B, F = h.shape
+    w, ka = fake_code_widths(k, mode, width, dead, k_aux, F)
     acc = reference.acc_dtype(h.dtype)
-    ka = min(k_aux, F) if dead is not None else 0   # every backend clamps k_aux to F
     return (h.new_empty(B, w), h.new_empty(B, w, dtype=torch.int64), h.new_empty(B),
             h.new_empty(F, dtype=torch.bool), h.new_empty(F, dtype=torch.int64),
             h.new_empty(B, dtype=acc), h.new_empty(B, dtype=acc),

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sparse_sae import reference
 from sparse_sae._checks import check_op_args
-from sparse_sae.backends import _C, dispatch, register_impl
+from sparse_sae.ops._registry import _C, dispatch, register_impl
 from sparse_sae.ops.encode import encode
 from sparse_sae.ops.sparse_decode import sparse_decode, sparse_decode_backward
 
@@ -276,7 +276,7 @@ register_impl("threshold_dense_backward", "reference", _dense_backward_torch)
 if _C is not None:
     register_impl("threshold_code", "cpu", _threshold_code_cpu)
     register_impl("threshold_dense_backward", "cpu", _dense_backward_cpu)
-# On CUDA tensors: _threshold_code_gpu is registered by ops/triton_backend.py (under a device
+# On CUDA tensors: _threshold_code_gpu is registered by ops/_triton.py (under a device
 # guard); the dense backward's GEMMs are cuBLAS through ATen (the GEMMs a dense step runs anyway),
 # its masking one elementwise pass.
 register_impl("threshold_dense_backward", "cuda", _dense_backward_torch)

@@ -22,7 +22,7 @@ from torch import Tensor
 from sparse_sae import reference
 from sparse_sae.ops.encode import encode
 from sparse_sae.ops.penalty_backward import penalty_backward
-from sparse_sae.ops.select import _select
+from sparse_sae.ops.select import _select, fake_code_widths
 
 
 class TopKCode(NamedTuple):
@@ -58,14 +58,8 @@ def _topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, m
 def _(x, W_enc, b_enc, b_dec, k, mode, width, dead, k_aux, ratio_eps, penalized):
     B, F = x.shape[0], W_enc.shape[0]
     h = x.new_empty(B, F)
-    if mode == "topk":
-        w = k
-    elif width > 0:
-        w = min(width, F)
-    else:
-        w = torch.library.get_ctx().new_dynamic_size()
+    w, ka = fake_code_widths(k, mode, width, dead, k_aux, F)
     acc = reference.acc_dtype(h.dtype)
-    ka = min(k_aux, F) if dead is not None else 0
     return (h, h.new_empty(B, w), h.new_empty(B, w, dtype=torch.int64), h.new_empty(B, ka),
             h.new_empty(B, ka, dtype=torch.int64), h.new_empty((), dtype=acc), h.new_empty((), dtype=acc),
             h.new_empty(B), h.new_empty(F, dtype=torch.bool), h.new_empty(F, dtype=torch.int64),

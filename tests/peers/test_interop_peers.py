@@ -12,8 +12,8 @@ sae_lens = pytest.importorskip("sae_lens", reason=_WHY)
 sparsify = pytest.importorskip("sparsify", reason=_WHY)
 
 import sparse_sae as S  # noqa: E402
-from sparse_sae import interop  # noqa: E402
 from sparse_sae.cli import main  # noqa: E402
+from sparse_sae.io import interop  # noqa: E402
 
 D, F, K, B = 64, 256, 8, 32
 

@@ -5,26 +5,6 @@ Registered by :mod:`sparse_sae.cli` through :func:`add_parser`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-
-def resolve_sae_path(path) -> Path:
-    """The saved SAE that ``path`` designates: a saved SAE directory (``config.json`` +
-    weights), a run directory (its ``final/``, else its latest checkpoint) or a checkpoint."""
-    from sparse_sae.checkpoint import latest_checkpoint
-    from sparse_sae.serialization import CONFIG_FILE
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SAE {path} not found")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "final" / CONFIG_FILE).is_file():
-        return path / "final"
-    ckpt = latest_checkpoint(path)
-    if ckpt is not None:
-        return ckpt
-    raise FileNotFoundError(f"{path} holds no saved SAE (no {CONFIG_FILE}, no final/, no checkpoint)")
 
 
 def add_parser(sub) -> None:
@@ -62,7 +42,8 @@ def run(args) -> int:
 
     from sparse_sae.eval.evaluate import evaluate
     from sparse_sae.eval.report import markdown, write_report
-    from sparse_sae.serialization import load
+    from sparse_sae.saes import load
+    from sparse_sae.training.checkpoint import resolve_sae_path
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")

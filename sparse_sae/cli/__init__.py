@@ -1,7 +1,7 @@
 """The ``sparse-sae`` command line (also ``python -m sparse_sae``).
 
 Subcommands: ``demo``, ``extract``, ``train``, ``export``, ``import``, ``eval``, ``features``, ``bench``, ``info``.
-``eval`` and ``bench`` come from :mod:`sparse_sae.eval.cli` and :mod:`sparse_sae.bench.cli`
+``eval`` and ``bench`` come from :mod:`sparse_sae.cli.eval` and :mod:`sparse_sae.cli.bench`
 (each providing ``add_parser(subparsers)``) when those are installed; until then the
 subcommand says it is not available and exits with status 2.
 
@@ -36,7 +36,7 @@ Run `sparse-sae COMMAND --help` for each command's options.
 
 # ---------------------------------------------------------------------------------------- demo / info
 def _demo(args) -> int:
-    from sparse_sae.demo import run_demo
+    from sparse_sae.eval.demo import run_demo
 
     run_demo(steps=args.steps, batch_size=args.batch_size, n_latents=args.latents, k=args.k, seed=args.seed,
              plot_path=None if args.no_plot else args.plot, progress=not args.no_progress)
@@ -44,7 +44,7 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    from sparse_sae.backends import show_build
+    from sparse_sae.ops import show_build
 
     show_build()
     return 0
@@ -66,7 +66,7 @@ def _flag_type(name: str, default):
 
 
 def _add_train_parser(sub) -> None:
-    from sparse_sae.config import FIELD_DEFAULTS, FIELD_DOCS
+    from sparse_sae.training.config import FIELD_DEFAULTS, FIELD_DOCS
 
     p = sub.add_parser(
         "train", help="train an SAE on activations (a config file and/or flags)",
@@ -100,9 +100,9 @@ def _add_train_parser(sub) -> None:
 
 
 def _train(args) -> int:
-    from sparse_sae.checkpoint import read_checkpoint
-    from sparse_sae.config import TrainConfig
-    from sparse_sae.train import NonFiniteLossError, Trainer, run_dir_of
+    from sparse_sae.training.checkpoint import read_checkpoint
+    from sparse_sae.training.config import TrainConfig
+    from sparse_sae.training.trainer import NonFiniteLossError, Trainer, run_dir_of
 
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("config", "resume", "func", "command", "debug")}
@@ -130,7 +130,7 @@ def _train(args) -> int:
         print(f"sparse-sae train: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        from sparse_sae import distributed
+        from sparse_sae.training import distributed
         distributed.shutdown(trainer.ctx)
     if trainer.ctx.is_main:
         summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("fvu", "l0", "dead", "rows_per_s") if k in metrics)
@@ -174,7 +174,7 @@ def _add_extract_parser(sub) -> None:
 
 
 def _extract(args) -> int:
-    from sparse_sae.extract import extract
+    from sparse_sae.io.extract import extract
 
     meta = extract(args.model, args.inputs, args.out_dir, args.layer, tokens=args.tokens, batch_size=args.batch_size,
                    shard_rows=args.shard_rows, max_length=args.max_length, device=args.device, dtype=args.dtype,
@@ -204,8 +204,8 @@ def _add_export_parser(sub) -> None:
 def _export(args) -> int:
     from pathlib import Path
 
-    from sparse_sae import interop
-    from sparse_sae.serialization import CONFIG_FILE, load, saved_activations
+    from sparse_sae.io import interop
+    from sparse_sae.saes import CONFIG_FILE, load, saved_activations
 
     path = Path(args.sae)
     if not (path / CONFIG_FILE).exists() and (path / "final" / CONFIG_FILE).exists():
@@ -253,7 +253,7 @@ def _add_import_parser(sub) -> None:
 
 
 def _import_sae(args) -> int:
-    from sparse_sae import interop
+    from sparse_sae.io import interop
 
     interop.check_target(args.out_dir, "sparse_sae", args.overwrite)
     imported = (interop.read_saelens if args.format == "saelens" else interop.read_sparsify)(args.path)
@@ -268,7 +268,7 @@ def _import_sae(args) -> int:
 
 # ---------------------------------------------------------------------------------------- features
 def _add_features_parser(sub) -> None:
-    from sparse_sae.features.cli import add_parser
+    from sparse_sae.cli.features import add_parser
 
     add_parser(sub)
 
@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_export_parser(sub)
     _add_import_parser(sub)
-    _add_optional_parser(sub, "eval", "sparse_sae.eval.cli", "evaluate a saved SAE on a data source")
+    _add_optional_parser(sub, "eval", "sparse_sae.cli.eval", "evaluate a saved SAE on a data source")
     _add_features_parser(sub)
-    _add_optional_parser(sub, "bench", "sparse_sae.bench.cli", "benchmark the kernels against the peers")
+    _add_optional_parser(sub, "bench", "sparse_sae.cli.bench", "benchmark the kernels against the peers")
     info = sub.add_parser("info", help="print what was built and which backend each op uses")
     info.set_defaults(func=_info)
     debug_help = "show the full traceback of an error instead of one line"

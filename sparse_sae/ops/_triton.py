@@ -16,7 +16,7 @@ import functools
 import torch
 
 from sparse_sae import reference
-from sparse_sae.backends import fallback_warning, register_impl
+from sparse_sae.ops._registry import fallback_warning, register_impl
 from sparse_sae.ops.group_by_latent import group_by_latent
 from sparse_sae.triton_kernels import encode as _encode
 from sparse_sae.triton_kernels import penalty_backward as _penalty

@@ -4,7 +4,7 @@ A checkpoint is a directory ``<out_dir>/checkpoints/step_<N>/`` holding
 
 - ``sae_weights.safetensors`` and ``config.json``: the SAE as :func:`sparse_sae.save` writes it
   (input scale not folded, so training resumes on the same parameters);
-- ``train_config.json``: the :class:`~sparse_sae.config.TrainConfig`;
+- ``train_config.json``: the :class:`~sparse_sae.training.config.TrainConfig`;
 - ``trainer_state.pt``: the optimizer state, the step, the data position and the RNG states;
 - ``manifest.json``, written last: each other file's size and sha256.
 
@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from sparse_sae.serialization import _atomic_write
+from sparse_sae._files import atomic_write
+from sparse_sae.saes import CONFIG_FILE, load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -73,9 +74,9 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     tmp.mkdir()
     try:
         sae.save(tmp, fold_input_scale=False)
-        _atomic_write(tmp / TRAIN_CONFIG_FILE, lambda p: p.write_text(json.dumps(train_config, indent=2) + "\n"))
-        _atomic_write(tmp / STATE_FILE, lambda p: _torch_save(state, p))
-        _atomic_write(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(_manifest(tmp, step), indent=2) + "\n"))
+        atomic_write(tmp / TRAIN_CONFIG_FILE, lambda p: p.write_text(json.dumps(train_config, indent=2) + "\n"))
+        atomic_write(tmp / STATE_FILE, lambda p: _torch_save(state, p))
+        atomic_write(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(_manifest(tmp, step), indent=2) + "\n"))
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)     # a failed save leaves no half checkpoint behind
@@ -84,7 +85,7 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     _prune(root, keep, final.name)
     return final
 
@@ -138,7 +139,6 @@ def verify_checkpoint(ckpt) -> str | None:
 
 
 def _read_checkpoint(ckpt: Path, device) -> Checkpoint:
-    from sparse_sae.serialization import load
 
     problem = verify_checkpoint(ckpt)
     if problem is not None:
@@ -221,3 +221,19 @@ def load_checkpoint(path, device=None) -> tuple:
     """``(sae, train_config_dict, state)`` of the checkpoint at ``path`` (see :func:`read_checkpoint`)."""
     ckpt = read_checkpoint(path, device=device)
     return ckpt.sae, ckpt.train_config, ckpt.state
+
+
+def resolve_sae_path(path) -> Path:
+    """The saved SAE that ``path`` designates: a saved SAE directory (``config.json`` +
+    weights), a run directory (its ``final/``, else its latest checkpoint) or a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SAE {path} not found")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "final" / CONFIG_FILE).is_file():
+        return path / "final"
+    ckpt = latest_checkpoint(path)
+    if ckpt is not None:
+        return ckpt
+    raise FileNotFoundError(f"{path} holds no saved SAE (no {CONFIG_FILE}, no final/, no checkpoint)")

@@ -2,8 +2,8 @@
 clipping, the unit-norm decoder constraint, dead-latent tracking (which feeds AuxK), bf16 autocast
 on GPU, data parallelism, metrics, checkpoints and an exact resume.
 
->>> from sparse_sae.config import TrainConfig
->>> from sparse_sae.train import Trainer
+>>> from sparse_sae.training.config import TrainConfig
+>>> from sparse_sae.training.trainer import Trainer
 >>> trainer = Trainer(TrainConfig(data="acts/", k=32, steps=10_000, out_dir="runs/a"))
 >>> metrics = trainer.fit()          # checkpoints in runs/a/checkpoints, metrics in runs/a/metrics.jsonl
 >>> Trainer(cfg, resume="runs/a").fit()   # continues where the last checkpoint stopped
@@ -12,7 +12,7 @@ On the CPU a resumed run reproduces the uninterrupted run's losses bit for bit: 
 the optimizer moments, the dead-latent counters, the data position and the RNG states are all
 in the checkpoint, and the schedules are functions of the step.
 
-A run directory belongs to one process at a time (:class:`~sparse_sae.run_lock.RunLock`, taken by
+A run directory belongs to one process at a time (:class:`~sparse_sae.training.run_lock.RunLock`, taken by
 the main process for the trainer's life); a new run refuses a directory that already holds a
 run's checkpoints, final SAE or metrics, and a resumed run writes only into its own directory.
 """
@@ -28,14 +28,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from sparse_sae import distributed
-from sparse_sae.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
-from sparse_sae.config import TrainConfig
-from sparse_sae.data import ActivationLoader, NonFiniteDataError, activations_metadata, check_finite_rows, open_source
-from sparse_sae.metrics_log import MetricsLog
-from sparse_sae.modules import BatchTopKSAE
-from sparse_sae.prefetch import PrefetchingLoader
-from sparse_sae.run_lock import RunLock, RunLockedError
+from sparse_sae.saes import BatchTopKSAE
+from sparse_sae.training import distributed
+from sparse_sae.training.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.data import (
+    ActivationLoader,
+    NonFiniteDataError,
+    activations_metadata,
+    check_finite_rows,
+    open_source,
+)
+from sparse_sae.training.metrics_log import MetricsLog
+from sparse_sae.training.prefetch import PrefetchingLoader
+from sparse_sae.training.run_lock import RunLock, RunLockedError
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -114,12 +120,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class Trainer:
-    """Trains an SAE described by ``cfg`` on ``data`` (anything :func:`~sparse_sae.data.open_source`
+    """Trains an SAE described by ``cfg`` on ``data`` (anything :func:`~sparse_sae.training.data.open_source`
     takes; default ``cfg.data``).
 
     ``sae`` trains a given module instead of building one from ``cfg``. ``resume`` (a run
     directory or a checkpoint) continues a run; its configuration must match ``cfg`` except for
-    the fields in :data:`sparse_sae.config.RUN_FIELDS`. ``cfg.out_dir=None`` writes nothing.
+    the fields in :data:`sparse_sae.training.config.RUN_FIELDS`. ``cfg.out_dir=None`` writes nothing.
     ``on_step(trainer)`` is called after every step (``trainer.step`` completed steps).
     """
 
@@ -280,19 +286,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _loss(self, x, out, penalty_scale: float):
-        sae, losses = self.sae, out.losses
-        recon = losses["recon"]
+        """The SAE's loss with this step's penalty warm-up; under data parallelism the local FVU
+        is rescaled so that averaging gradients over processes gives the global batch's FVU."""
+        sae, recon_scale = self.sae, 1.0
         if self.ctx.enabled and sae.recon_loss == "fvu":
-            # rescale the local FVU so that averaging gradients gives the global batch's FVU
             xs = (x * sae.input_scale if sae.input_scale is not None else x).detach().to(torch.float64)
             local = (xs - xs.mean(0)).square().sum()
-            recon = recon * (local / distributed.global_variance(xs, self.ctx) * self.ctx.world_size).to(recon.dtype)
-        loss = recon
-        for p in sae.penalties:
-            loss = loss + (penalty_scale * p.coef) * losses[p.name]
-        if "auxk" in losses:
-            loss = loss + sae.auxk.coef * losses["auxk"]
-        return loss
+            recon_scale = (local / distributed.global_variance(xs, self.ctx) * self.ctx.world_size).to(
+                out.losses["recon"].dtype)
+        return sae.loss(out, penalty_scale=penalty_scale, recon_scale=recon_scale)
 
     def check_finite_steps(self) -> None:
         """Stops the run if a step since the last check had a non-finite loss (its update was
@@ -398,10 +400,3 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.metrics["rows_per_s"] = rows / elapsed if elapsed > 0 else math.inf
         return self.metrics
-
-
-def train(cfg: TrainConfig, data=None, *, resume=None, **kwargs) -> "Trainer":
-    """Builds a :class:`Trainer`, runs it and returns it (``trainer.sae``, ``trainer.metrics``)."""
-    trainer = Trainer(cfg, data, resume=resume, **kwargs)
-    trainer.fit()
-    return trainer

@@ -32,8 +32,9 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparse_sae import __version__
-from sparse_sae.serialization import CONFIG_FILE, _atomic_write, folded_state
+from sparse_sae._files import atomic_write
+from sparse_sae._version import __version__
+from sparse_sae.saes.serialization import CONFIG_FILE, folded_state
 
 SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, EXPORT_CONFIG = "sae_weights.safetensors", "sae.safetensors", "cfg.json"
 # The SAELens release whose cfg.json layout to_saelens writes (the one the peer tests load with,
@@ -91,8 +92,8 @@ def _write(directory, weights_name: str, tensors: dict, cfg: dict, fmt: str, ove
     check_target(directory, fmt, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / weights_name, lambda p: save_file(tensors, str(p)))
-    _atomic_write(directory / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(directory / weights_name, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     return directory
 
 
@@ -160,7 +161,7 @@ def _load(sae, state: dict) -> None:
 # ---------------------------------------------------------------------------------------- export
 def export_notes(sae, fmt: str) -> list:
     """What exporting ``sae`` to ``fmt`` (``saelens`` or ``sparsify``) leaves out or converts."""
-    from sparse_sae.modules import BatchTopKSAE, JumpReLUSAE
+    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE
 
     notes = []
     if sae.input_scale is not None:
@@ -186,7 +187,7 @@ def export_notes(sae, fmt: str) -> list:
 
 def saelens_names(activations: dict) -> dict:
     """SAELens metadata names (``model_name``, ``hook_name``, ``hf_hook_name``) for the activations
-    recorded with a saved SAE (:func:`sparse_sae.serialization.saved_activations`). A module-name
+    recorded with a saved SAE (:func:`sparse_sae.saes.serialization.saved_activations`). A module-name
     layer is a transformers module path; an int layer ``L`` (``hidden_states[L]`` of transformers)
     is named ``hidden_states.L``, since its TransformerLens name depends on the model."""
     layer = activations.get("layer")
@@ -207,7 +208,7 @@ def to_saelens(sae, directory, *, hook_name: str | None = None, model_name: str 
     """Writes ``sae`` in the SAELens 6.x format to ``directory``; ``hook_name``, ``model_name`` (and
     ``hf_hook_name``, a transformers module path) go to its metadata. Refuses a folder that holds
     another SAE (``overwrite`` replaces an earlier SAELens export)."""
-    from sparse_sae.modules import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
     state = folded_state(sae)
     tensors = {"W_enc": state["W_enc"].T, "W_dec": state["W_dec"], "b_enc": state["b_enc"], "b_dec": state["b_dec"]}
@@ -241,7 +242,7 @@ def to_saelens(sae, directory, *, hook_name: str | None = None, model_name: str 
 def to_sparsify(sae, directory, *, overwrite: bool = False) -> Path:
     """Writes a Top-k ``sae`` in EleutherAI sparsify's format to ``directory``. Refuses a folder
     that holds another SAE (``overwrite`` replaces an earlier sparsify export)."""
-    from sparse_sae.modules import BatchTopKSAE, TopKSAE
+    from sparse_sae.saes import BatchTopKSAE, TopKSAE
 
     if not isinstance(sae, TopKSAE) or isinstance(sae, BatchTopKSAE):
         raise TypeError(f"sparsify holds Top-k SAEs only, got a {type(sae).__name__}")
@@ -313,7 +314,7 @@ def read_saelens(directory, device=None) -> Imported:
     """Reads an SAELens SAE (``standard``, ``topk``, ``jumprelu``, or a ``batchtopk`` training
     checkpoint) from ``directory``: the SAE computes the codes and reconstructions that SAELens's
     own ``SAE.load_from_disk`` does."""
-    from sparse_sae.modules import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
     cfg, t = _read(directory, SAELENS_WEIGHTS, "SAELens")
     path, w_path = Path(directory) / EXPORT_CONFIG, Path(directory) / SAELENS_WEIGHTS
@@ -414,7 +415,7 @@ _SPARSIFY_HARMLESS = {"normalize_decoder", "multi_topk"}     # training settings
 def read_sparsify(directory, device=None) -> Imported:
     """Reads an EleutherAI sparsify Top-k SAE from ``directory``: the SAE computes the codes and
     reconstructions that sparsify's own ``SparseCoder.load_from_disk`` does."""
-    from sparse_sae.modules import TopKSAE
+    from sparse_sae.saes import TopKSAE
 
     cfg, t = _read(directory, SPARSIFY_WEIGHTS, "sparsify")
     path, w_path = Path(directory) / EXPORT_CONFIG, Path(directory) / SPARSIFY_WEIGHTS

@@ -26,7 +26,13 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _WARNED: set = set()
-_TRITON_ERROR: str | None = None   # why the triton backend did not register (set by sparse_sae.ops)
+_TRITON_ERROR: str | None = None   # why the triton backend did not register
+
+
+def record_triton_error(reason: str) -> None:
+    """Records why the Triton backend could not be imported, for ``show_build`` and errors."""
+    global _TRITON_ERROR
+    _TRITON_ERROR = reason
 
 
 def runs_on(backend: str, device: torch.device) -> bool:
@@ -72,15 +78,16 @@ def backend_for(op: str, device: torch.device) -> str:
     impls = _IMPLS.get(op, {})
     forced = forced_backend()
     if forced is not None:
-        # Triton covers the GEMM- and gather-shaped ops only (DESIGN.md 4): forced, it leaves
-        # the others (selection) to the device's usual backend.
-        partial = forced == "triton" and any("triton" in i for i in _IMPLS.values())
-        if not (partial and forced not in impls):
-            if forced not in impls or not runs_on(forced, device):
-                where = "" if forced not in impls else f" for {device.type} tensors"
-                raise RuntimeError(f"SPARSE_SAE_BACKEND={forced} but op {op!r} has no {forced} "
-                                   f"implementation{where} ({unavailable_reason(forced, device)})")
+        if forced in impls and runs_on(forced, device):
             return forced
+        # Triton covers the GEMM- and gather-shaped ops only (DESIGN.md 4): forced, it leaves
+        # an op it has no kernel for (selection) to the device's usual backend.
+        triton_leaves_op = (forced == "triton" and forced not in impls
+                            and any("triton" in i for i in _IMPLS.values()))
+        if not triton_leaves_op:
+            where = "" if forced not in impls else f" for {device.type} tensors"
+            raise RuntimeError(f"SPARSE_SAE_BACKEND={forced} but op {op!r} has no {forced} "
+                               f"implementation{where} ({unavailable_reason(forced, device)})")
     for backend in _PREFERENCE.get(device.type, ()):
         if backend in impls and runs_on(backend, device):
             return backend
@@ -115,9 +122,8 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str:
 
 
 def show_build(file=None) -> None:
-    """Prints what was built and which backend each op uses on CPU and CUDA tensors."""
-    import sparse_sae.ops  # noqa: F401  (registers the ops)
-
+    """Prints what was built and which backend each op uses on CPU and CUDA tensors (of the ops
+    registered so far: call it as ``sparse_sae.ops.show_build``, which has registered them all)."""
     def line(s=""):
         print(s, file=file)
 
@@ -134,10 +140,11 @@ def show_build(file=None) -> None:
     if _C is not None and _C.with_cuda:
         line(f"limits: the CUDA select keeps at most {_C.max_select} entries per row (k, k_aux, packed width); "
              "beyond that, and for float64 or dx in the Triton kernels, an op runs on the reference (warned once)")
-    line(f"{'op':<24}{'cpu tensors':<14}{'cuda tensors':<14}implementations")
+    width = max(map(len, _IMPLS), default=2) + 2
+    line(f"{'op':<{width}}{'cpu tensors':<14}{'cuda tensors':<14}implementations")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for op in sorted(_IMPLS):
             cpu = backend_for(op, torch.device("cpu"))
             cuda = backend_for(op, torch.device("cuda"))
-            line(f"{op:<24}{cpu:<14}{cuda:<14}{', '.join(sorted(_IMPLS[op]))}")
+            line(f"{op:<{width}}{cpu:<14}{cuda:<14}{', '.join(sorted(_IMPLS[op]))}")

@@ -75,13 +75,3 @@ def make_synthetic(n_features: int = 3072, d: int = 192, mean_active: float = 8.
     freq = rank ** -zipf
     freq = (freq * mean_active / freq.sum()).clamp(max=max_frequency).to(torch.float32)
     return SyntheticData(dictionary, freq, group_size, group_boost, noise)
-
-
-@torch.no_grad()
-def feature_recovery(W_dec: torch.Tensor, dictionary: torch.Tensor, threshold: float = 0.9) -> dict:
-    """How well decoder rows recover the true features: for each true feature the best cosine
-    over latents; returns the mean of those and the fraction above ``threshold``."""
-    w = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    t = dictionary.float() / dictionary.float().norm(dim=1, keepdim=True)
-    best = (t @ w.T).max(dim=1).values
-    return {"mean_max_cos": float(best.mean()), "recovered": float((best > threshold).float().mean())}

@@ -1,4 +1,4 @@
-"""Training configuration: one flat dataclass, read from JSON/TOML files and command-line flags,
+"""Training configuration: one flat dataclass (the flat JSON of every saved run and checkpoint), read from JSON/TOML files and command-line flags,
 checked for unknown keys, and turned into an SAE.
 
 Every field is documented in :class:`TrainConfig`; ``sparse-sae train --help`` lists the same.
@@ -8,16 +8,20 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from sparse_sae import saes
 from sparse_sae.penalties import L0, AuxK, DecoderNormL1, L1L2Ratio, OffSupportL1
-
-ARCHITECTURE_NAMES = {"topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "relu": "ReLUSAE", "jumprelu": "JumpReLUSAE"}
 
 # Fields that may change between a checkpoint and its resumption; every other field must match.
 RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
                         "tensorboard", "data", "device", "skip_nonfinite"})
+
+
+def option(default, help: str):
+    """A field with its ``--help`` text in the field's metadata (read by ``sparse_sae.cli``)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -25,48 +29,48 @@ class TrainConfig:
     """Everything a training run needs. Defaults suit a first run on model activations."""
 
     # --- data
-    data: str | None = None            # .npy file, directory of .npy files, or directory of safetensors shards
-    data_key: str | None = None        # tensor name inside the shards (default: the only one there)
-    memory_budget_mb: float = 1024.0   # rows held in memory at once for shuffling
-    shuffle: bool = True               # shuffle rows (within the memory budget)
-    skip_nonfinite: bool = False       # drop data rows holding NaN/Inf (counted as skipped_rows in the metrics) instead of stopping
+    data: str | None = option(None, ".npy file, directory of .npy files, or directory of safetensors shards")
+    data_key: str | None = option(None, "tensor name inside the shards (default: the only one there)")
+    memory_budget_mb: float = option(1024.0, "rows held in memory at once for shuffling")
+    shuffle: bool = option(True, "shuffle rows (within the memory budget)")
+    skip_nonfinite: bool = option(False, "drop data rows holding NaN/Inf (counted as skipped_rows in the metrics) instead of stopping")
     # --- model
-    architecture: str = "topk"         # topk | batchtopk | relu | jumprelu
-    n_latents: int | None = None       # SAE width; default expansion_factor * d_in
-    expansion_factor: int = 16          # n_latents = expansion_factor * d_in when n_latents is unset
-    k: int = 32                        # active latents per row (topk, batchtopk)
-    max_k_per_row: int | None = None   # batchtopk: most entries a row keeps (a fixed code width: no host sync per step on a GPU)
-    off_support_l1: float = 0.0        # paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo
-    l1_l2_ratio: float = 0.0           # paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo
-    decoder_norm_l1: float = 0.0       # l1 weighted by decoder norms (all; usual for relu)
-    l0: float = 0.0                    # L0 with straight-through gradient (jumprelu)
-    auxk: float = 1 / 32               # AuxK coefficient (topk, batchtopk); 0 disables
-    dead_after_tokens: int = 10_000_000  # a latent is dead after this many rows without firing
-    recon_loss: str = "fvu"            # fvu | mse
-    normalize_inputs: bool = True      # scale inputs to unit mean norm (folded into saved weights)
-    init_b_dec: bool = True            # b_dec := geometric median of the first rows
+    architecture: str = option("topk", "topk | batchtopk | relu | jumprelu")
+    n_latents: int | None = option(None, "SAE width; default expansion_factor * d_in")
+    expansion_factor: int = option(16, "n_latents = expansion_factor * d_in when n_latents is unset")
+    k: int = option(32, "active latents per row (topk, batchtopk)")
+    max_k_per_row: int | None = option(None, "batchtopk: most entries a row keeps (a fixed code width: no host sync per step on a GPU)")
+    off_support_l1: float = option(0.0, "paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo")
+    l1_l2_ratio: float = option(0.0, "paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo")
+    decoder_norm_l1: float = option(0.0, "l1 weighted by decoder norms (all; usual for relu)")
+    l0: float = option(0.0, "L0 with straight-through gradient (jumprelu)")
+    auxk: float = option(1 / 32, "AuxK coefficient (topk, batchtopk); 0 disables")
+    dead_after_tokens: int = option(10_000_000, "a latent is dead after this many rows without firing")
+    recon_loss: str = option("fvu", "fvu | mse")
+    normalize_inputs: bool = option(True, "scale inputs to unit mean norm (folded into saved weights)")
+    init_b_dec: bool = option(True, "b_dec := geometric median of the first rows")
     # --- optimisation
-    steps: int = 10_000
-    batch_size: int = 4096             # global batch (split across processes)
-    lr: float = 2e-4
-    betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 1000           # linear learning-rate warm-up
-    decay_start: float = 0.8           # fraction of steps after which the rate decays linearly to 0
-    penalty_warmup_steps: int = 0      # penalty coefficients ramp linearly from 0 over these steps
-    grad_clip: float = 1.0             # max global gradient norm; 0 disables
-    seed: int = 0
+    steps: int = option(10_000, "optimizer steps")
+    batch_size: int = option(4096, "global batch (split across processes)")
+    lr: float = option(2e-4, "peak learning rate (Adam)")
+    betas: tuple = option((0.9, 0.999), "Adam betas")
+    warmup_steps: int = option(1000, "linear learning-rate warm-up")
+    decay_start: float = option(0.8, "fraction of steps after which the rate decays linearly to 0")
+    penalty_warmup_steps: int = option(0, "penalty coefficients ramp linearly from 0 over these steps")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables")
+    seed: int = option(0, "seed of the initialisation and of the data order")
     # --- device
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"             # parameter dtype
-    autocast: bool = True              # bf16 autocast on GPU (ignored on CPU)
-    flush_denormal: bool = True        # CPU: denormal floats count as 0 (Adam moments of rare latents decay into them; 2-6x faster)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = option("float32", "parameter dtype")
+    autocast: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
+    flush_denormal: bool = option(True, "CPU: denormal floats count as 0 (Adam moments of rare latents decay into them; 2-6x faster)")
     # --- output
-    out_dir: str = "runs/sae"
-    checkpoint_every: int = 1000       # steps; 0: only at the end
+    out_dir: str = option("runs/sae", "run directory: checkpoints, metrics and the final SAE")
+    checkpoint_every: int = option(1000, "steps; 0: only at the end")
     keep_checkpoints: int = 2
-    log_every: int = 10                # steps between metric records
-    tensorboard: bool = False          # also log to TensorBoard (needs the tensorboard package)
-    progress: bool = True
+    log_every: int = option(10, "steps between metric records")
+    tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -74,8 +78,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        if self.architecture not in ARCHITECTURE_NAMES:
-            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURE_NAMES)}, got {self.architecture!r}")
+        saes.architecture_class(self.architecture)   # raises for an unknown name
         for name in ("steps", "batch_size", "k", "expansion_factor", "log_every", "keep_checkpoints",
                      "dead_after_tokens"):
             v = getattr(self, name)
@@ -166,8 +169,6 @@ class TrainConfig:
         """The SAE this config describes, for inputs of width ``d_in``."""
         import torch
 
-        from sparse_sae import modules
-
         penalties = []
         if self.off_support_l1:
             penalties.append(OffSupportL1(self.off_support_l1))
@@ -177,7 +178,7 @@ class TrainConfig:
             penalties.append(DecoderNormL1(self.decoder_norm_l1))
         if self.l0:
             penalties.append(L0(self.l0))
-        cls = modules.ARCHITECTURES[ARCHITECTURE_NAMES[self.architecture]]
+        cls = saes.architecture_class(self.architecture)
         kwargs = dict(recon_loss=self.recon_loss, input_scale=input_scale, dtype=getattr(torch, self.dtype),
                       device=device)
         n = self.latents_for(d_in)
@@ -191,18 +192,5 @@ class TrainConfig:
         return cls(d_in, n, penalties, **kwargs)
 
 
-def _default_field_docs() -> dict:
-    """The comment after each field in the source, used as ``--help`` text."""
-    import inspect
-    import re
-
-    docs = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=\s*.+?#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
-    return docs
-
-
-FIELD_DOCS = _default_field_docs()
+FIELD_DOCS = {f.name: f.metadata["help"] for f in fields(TrainConfig) if "help" in f.metadata}
 FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

@@ -1,5 +1,5 @@
 """Activations of a Hugging Face ``transformers`` model at a named layer, written as safetensors
-shards that :class:`sparse_sae.data.ShardSource` reads.
+shards that :class:`sparse_sae.training.data.ShardSource` reads.
 
 - Vision (DINOv2, CLIP, SigLIP image encoders, ViT-like models) over a folder of images: the
   ``cls`` token, the ``patch`` tokens, or ``all`` tokens (DINOv2 register tokens are skipped).
@@ -10,7 +10,7 @@ shards that :class:`sparse_sae.data.ShardSource` reads.
 embeddings, negative counts from the end) or a module name (``encoder.layer.5.mlp``; the module's
 output is taken with a forward hook).
 
-Next to the shards goes the examples sidecar (:mod:`sparse_sae.features.sidecar`): the document,
+Next to the shards goes the examples sidecar (:mod:`sparse_sae.io.sidecar`): the document,
 position and token of every text row, the image and patch of every image row, for the feature
 browser (``sparse-sae features``).
 
@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from sparse_sae.features.sidecar import SidecarWriter
-from sparse_sae.serialization import _atomic_write
+from sparse_sae._files import atomic_write
+from sparse_sae.io.sidecar import SidecarWriter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TOKEN_CHOICES = ("all", "cls", "patch")
@@ -103,7 +103,7 @@ class ShardWriter:
         rows = torch.cat(self._pending)
         shard, rest = rows[:n].contiguous(), rows[n:]
         path = self.out_dir / f"shard_{self.n_shards:05d}.safetensors"
-        _atomic_write(path, lambda p: self._save({SHARD_KEY: shard}, str(p)))
+        atomic_write(path, lambda p: self._save({SHARD_KEY: shard}, str(p)))
         self.n_shards += 1
         self.n_rows += shard.shape[0]
         self._pending, self._n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
@@ -113,7 +113,7 @@ class ShardWriter:
             self._flush(self._n_pending)
         meta = {**self.metadata, "n_rows": self.n_rows, "d": self.d, "n_shards": self.n_shards,
                 "dtype": str(self.dtype).removeprefix("torch."), "key": SHARD_KEY}
-        _atomic_write(self.out_dir / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(self.out_dir / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
         return meta
 
 

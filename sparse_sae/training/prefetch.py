@@ -1,6 +1,6 @@
 """Batches prepared ahead of the training step, on a background thread.
 
-:class:`PrefetchingLoader` wraps an :class:`~sparse_sae.data.ActivationLoader`: a thread reads,
+:class:`PrefetchingLoader` wraps an :class:`~sparse_sae.training.data.ActivationLoader`: a thread reads,
 shuffles and checks the next ``depth`` batches while the step runs, and on a GPU copies each
 from pinned host memory on a side stream, so the step never waits for the disk or a pageable
 copy. Only that thread touches the wrapped loader, so the order of rows is the loader's own

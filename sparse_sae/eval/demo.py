@@ -1,5 +1,5 @@
 """The built-in demo: plain Top-k vs Top-k with each paper penalty on synthetic activations with
-known ground-truth features (:mod:`sparse_sae.synthetic`), trained with the same budget; prints a
+known ground-truth features (:mod:`sparse_sae.eval.synthetic`), trained with the same budget; prints a
 table and writes a PNG plot."""
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import time
 import torch
 
 from sparse_sae import reference
-from sparse_sae.config import TrainConfig
-from sparse_sae.data import TensorSource
-from sparse_sae.modules import TopKSAE
+from sparse_sae.eval.recovery import feature_recovery
+from sparse_sae.eval.robustness import forward_at_k
+from sparse_sae.eval.synthetic import make_synthetic
 from sparse_sae.penalties import L1L2Ratio, OffSupportL1
-from sparse_sae.synthetic import feature_recovery, make_synthetic
-from sparse_sae.train import Trainer, input_scale_for
+from sparse_sae.saes import TopKSAE
+from sparse_sae.training.config import TrainConfig
+from sparse_sae.training.data import TensorSource
+from sparse_sae.training.trainer import Trainer, input_scale_for
 
 VARIANTS = {
     "top-k": [],
@@ -29,16 +31,12 @@ COLUMNS = [("fvu", "FVU"), ("l0", "L0"), ("dead", "dead"), ("recovered", "recov>
 @torch.no_grad()
 def evaluate(sae, x, k: int) -> dict:
     """FVU and L0 of ``sae`` on ``x``, and FVU when run at inference k/2 and 2k."""
-    sae.eval()
-    out = sae(x)
-    row = {"fvu": float(reference.fvu_ref(x, out.recon)), "l0": float(out.l0())}
-    for name, kk in (("fvu_k/2", max(1, k // 2)), ("fvu_2k", min(sae.n_latents, 2 * k))):
-        k0, sae.k = sae.k, kk
-        try:
-            row[name] = float(reference.fvu_ref(x, sae(x).recon))
-        finally:
-            sae.k = k0
-    sae.train()
+    row = {}
+    for name, kk in (("fvu", k), ("fvu_k/2", max(1, k // 2)), ("fvu_2k", min(sae.n_latents, 2 * k))):
+        out = forward_at_k(sae, x, kk)
+        row[name] = float(reference.fvu_ref(x, out.recon))
+        if kk == k:
+            row["l0"] = float(out.l0())
     return row
 
 
@@ -110,7 +108,8 @@ def run_demo(steps: int = 1000, batch_size: int = 128, n_latents: int = 2048, k:
 
         stats = Trainer(cfg, TensorSource(pool), sae=sae, on_step=record, desc=name).fit()
         row = evaluate(sae, held_out, k)
-        row.update(feature_recovery(sae.W_dec, data.dictionary))
+        recovery = feature_recovery(sae.W_dec, data.dictionary, matching=False)
+        row.update(recovered=recovery["recovered"], mean_max_cos=recovery["mean_max_cos"])
         row["dead"] = stats["dead"]
         row["rows_per_s"] = stats["rows_per_s"]
         results[name], curves[name] = row, curve
