@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dense_threshold import DenseThresholdSAE  # noqa: E402
+from dense_threshold import DenseGatedSAE, DenseMatryoshkaSAE, DenseThresholdSAE  # noqa: E402
 from dense_topk import DenseTopKSAE  # noqa: E402
 
 import sparse_sae as S  # noqa: E402
@@ -46,6 +46,13 @@ VARIANTS = ("ours_topk", "ours_regularized", "ours_regularized_bf16", "dense_reg
 # The soft-penalty SAEs (--soft): ReLU + decoder-norm l1 and JumpReLU + L0 on the fused threshold
 # code, against the dense-autograd versions of the same losses (bench/dense_threshold.py).
 SOFT_VARIANTS = ("ours_relu", "dense_relu", "ours_jumprelu", "dense_jumprelu")
+# The rest of the family (--family): the Gated SAE (DecoderNormL1 on the gate) and Matryoshka
+# Top-k (prefixes F/8, F/2, F), against dense-autograd versions of the same losses.
+FAMILY_VARIANTS = ("ours_gated", "dense_gated", "ours_matryoshka", "dense_matryoshka")
+
+
+def matryoshka_sizes(F: int) -> list:
+    return [max(1, F // 8), max(2, F // 2), F]
 COEF_L1, COEF_L0 = 1e-3, 1e-3
 DEFAULT_SHAPES = ["2048,512,8192,32", "4096,512,16384,64"]
 
@@ -104,8 +111,16 @@ def make(variant: str, B: int, D: int, F: int, k: int, seed: int = 0, state=None
         model = S.JumpReLUSAE(D, F, [S.L0(COEF_L0)], check_inputs=False)
     elif variant == "dense_jumprelu":
         model = DenseThresholdSAE(D, F, jump=True, coef_l0=COEF_L0)
+    elif variant == "ours_gated":
+        model = S.GatedSAE(D, F, [S.DecoderNormL1(COEF_L1)], check_inputs=False)
+    elif variant == "dense_gated":
+        model = DenseGatedSAE(D, F, COEF_L1)
+    elif variant == "ours_matryoshka":
+        model = S.MatryoshkaTopKSAE(D, F, k, matryoshka_sizes(F), check_inputs=False)
+    elif variant == "dense_matryoshka":
+        model = DenseMatryoshkaSAE(D, F, k, matryoshka_sizes(F))
     else:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + SOFT_VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + SOFT_VARIANTS + FAMILY_VARIANTS}")
     if state is not None:
         with torch.no_grad():
             for name in PARAMS:
@@ -201,12 +216,14 @@ def main(argv=None) -> int:
     p.add_argument("--soft", action="store_true",
                    help="time the soft-penalty SAEs (ReLU + l1, JumpReLU + L0) beside our Top-k step instead of the "
                         "regularized Top-k rows")
+    p.add_argument("--family", action="store_true",
+                   help="like --soft, for the Gated SAE and Matryoshka Top-k (writes cpu_step_family.*)")
     p.add_argument("--soft-shift", type=float, nargs="*", default=[2.65],
                    help="with --soft: also time from the initialisation with b_enc lowered by each value (2.65: about "
                         "k = 32 active latents per row of F = 8192, a trained-like L0)")
     p.add_argument("--out", type=Path, default=None, help="directory for cpu_step.json and cpu_step.md")
     args = p.parse_args(argv)
-    if args.soft:
+    if args.soft or args.family:
         return soft_main(args)
     rows = []
     for spec in args.shapes:
@@ -274,7 +291,8 @@ def markdown(rows, env, args) -> str:
 def soft_main(args) -> int:
     """The soft-penalty rows: our Top-k step, ReLU + l1 and JumpReLU + L0 (ours and dense), all from
     the same weights and batch, at the initialisation and with b_enc lowered."""
-    variants = ("ours_topk",) + SOFT_VARIANTS
+    archs = ("gated", "matryoshka") if args.family else ("relu", "jumprelu")
+    variants = ("ours_topk",) + (FAMILY_VARIANTS if args.family else SOFT_VARIANTS)
     rows = []
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split(","))
@@ -296,13 +314,16 @@ def soft_main(args) -> int:
             print(f"done {spec} ({label})", file=sys.stderr)
     env = environment()
     lines = [f"CPU: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); torch {env['torch']}; "
-             f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; DecoderNormL1({COEF_L1}) for ReLU, "
-             f"L0({COEF_L0}) for JumpReLU (bandwidth 1e-3, thresholds 1e-3)", "",
+             f"float32; {args.steps} interleaved steps after {args.warmup} warm-up; "
+             + (f"DecoderNormL1({COEF_L1}) on the Gated SAE's gate (gate_aux weight 1); Matryoshka Top-k with prefixes "
+                f"F/8, F/2, F and the state's k" if args.family else
+                f"DecoderNormL1({COEF_L1}) for ReLU, L0({COEF_L0}) for JumpReLU (bandwidth 1e-3, thresholds 1e-3)"),
+             "",
              "| B | D | F | state | ReLU L0 / row | ours Top-k k=%s (ms) | arch | ours (ms) | dense (ms) | ours / Top-k | "
              "dense / ours | peak MB ours | peak MB dense | memory ratio |" % rows[0]["k"] if rows else "",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for arch in ("relu", "jumprelu"):
+        for arch in archs:
             o, d, t = r[f"ours_{arch}"], r[f"dense_{arch}"], r["ours_topk"]["median_ms"]
             mo, md = o.get("peak_mb"), d.get("peak_mb")
             mem = (f"{mo:.0f} | {md:.0f} | {mo / md:.2f}" if mo is not None and md else
@@ -314,8 +335,9 @@ def soft_main(args) -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cpu_step_soft.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-        (args.out / "cpu_step_soft.md").write_text(table + "\n")
+        name = "cpu_step_family" if args.family else "cpu_step_soft"
+        (args.out / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(table + "\n")
     return 0
 
 

@@ -43,3 +43,39 @@ class DenseThresholdSAE(nn.Module):
         if self.jump and self.coef_l0:
             loss = loss + self.coef_l0 * reference.l0_ref(z, theta, self.bandwidth)
         return loss, recon
+
+
+class DenseGatedSAE(nn.Module):
+    """The Gated SAE by dense autograd (``reference.gated_sae_loss_ref``: the gate and the
+    magnitude path as two ``B x F`` GEMMs, dense ``f @ W_dec`` and ``relu(pi) @ W_dec``)."""
+
+    def __init__(self, d_in: int, n_latents: int, coef_l1: float, dtype=torch.float32):
+        super().__init__()
+        self.coef_l1 = coef_l1
+        W = torch.randn(n_latents, d_in, dtype=dtype)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_enc, self.W_dec = nn.Parameter(W.clone()), nn.Parameter(W.clone())
+        for name, size in (("b_enc", n_latents), ("r_mag", n_latents), ("b_mag", n_latents), ("b_dec", d_in)):
+            setattr(self, name, nn.Parameter(torch.zeros(size, dtype=dtype)))
+
+    def forward(self, x):
+        loss, _, f = reference.gated_sae_loss_ref(x, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.W_dec,
+                                                  self.b_dec, coef_sparsity=self.coef_l1)
+        return loss, f
+
+
+class DenseMatryoshkaSAE(nn.Module):
+    """Matryoshka Top-k by dense autograd (``reference.matryoshka_topk_loss_ref``: the dense
+    ``B x F`` code, ``torch.topk``, one dense decode per prefix, as dictionary_learning writes it)."""
+
+    def __init__(self, d_in: int, n_latents: int, k: int, sizes, dtype=torch.float32):
+        super().__init__()
+        self.k, self.sizes = k, list(sizes)
+        W = torch.randn(n_latents, d_in, dtype=dtype)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_enc, self.W_dec = nn.Parameter(W.clone()), nn.Parameter(W.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+
+    def forward(self, x):
+        return reference.matryoshka_topk_loss_ref(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.sizes)

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "checks.h"
-#include "csc.h"
+#include "group_by_latent.h"
 #include "kernels.h"
-#include "serial_blas.h"
+#include "gemm_task.h"
 #include "vec.h"
 
 namespace sparse_sae {
@@ -113,10 +113,7 @@ void dense_block_gemms(const torch::Tensor& Gb, const torch::Tensor& xt_b, const
   T* dbp = db_A.data_ptr<T>();
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t t = 0; t < n_lat + n_row; ++t) {
-    // grad mode is thread-local and on in OpenMP's worker threads: without this, an in-place GEMM
-    // with W_enc (a parameter that requires grad) would try to record autograd history there
-    at::NoGradGuard no_grad;
-    SerialBlasGuard serial_blas;  // one MKL thread in this task: see serial_blas.h
+    GemmTaskGuard task;  // no autograd, one MKL thread: see gemm_task.h
     if (t < n_lat) {
       const int64_t c0 = t * kLatents, nc = std::min(kLatents, Fa - c0);
       auto Gc = Gb.narrow(1, c0, nc);

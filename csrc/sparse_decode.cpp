@@ -2,7 +2,7 @@
 // A gather-matmul over the k selected decoder rows; parallel over batch rows, so each
 // output row is written by one thread and the result does not depend on the thread count.
 #include "checks.h"
-#include "csc.h"
+#include "group_by_latent.h"
 #include "kernels.h"
 #include "vec.h"
 

@@ -21,7 +21,7 @@
 
 #include "checks.h"
 #include "kernels.h"
-#include "serial_blas.h"
+#include "gemm_task.h"
 #include "vec.h"
 
 namespace sparse_sae {
@@ -204,10 +204,7 @@ std::vector<torch::Tensor> dense_backward_impl(const torch::Tensor& x, const tor
   const int64_t n_row = need_dx ? (B + kRows - 1) / kRows : 0;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t t = 0; t < n_lat + n_row; ++t) {
-    // grad mode is thread-local (on in a worker thread): GEMMs into views of our outputs must
-    // not be recorded, W_enc requires grad
-    at::NoGradGuard task_no_grad;
-    SerialBlasGuard serial_blas;  // one MKL thread in this task: see serial_blas.h
+    GemmTaskGuard task;  // no autograd, one MKL thread: see gemm_task.h
     if (t < n_lat) {
       const int64_t c0 = t * kLatents, nc = std::min(kLatents, F - c0);
       auto Gc = torch::empty({B, nc}, x.options());

@@ -1,7 +1,7 @@
 """sparse_sae: fast sparse autoencoders with fused sparsity regularizers.
 
-Top-k, BatchTopK, ReLU and JumpReLU SAEs as drop-in ``torch.nn`` modules, with the
-off-support l1 and l1/l2-ratio penalties of "Beyond the Hard Budget" (arXiv:2606.27321)
+Top-k, BatchTopK, Matryoshka Top-k, ReLU, JumpReLU and Gated SAEs as drop-in ``torch.nn``
+modules, with the off-support l1 and l1/l2-ratio penalties of "Beyond the Hard Budget" (arXiv:2606.27321)
 computed by fused kernels. See README.md, DESIGN.md and docs/architecture.md (the layers).
 """
 from sparse_sae import _compat, ops
@@ -11,7 +11,9 @@ from sparse_sae.penalties import L0, AuxK, DecoderNormL1, L1L2Ratio, OffSupportL
 from sparse_sae.saes import (
     ARCHITECTURES,
     BatchTopKSAE,
+    GatedSAE,
     JumpReLUSAE,
+    MatryoshkaTopKSAE,
     ReLUSAE,
     SAEOutput,
     SparseAutoencoder,
@@ -31,6 +33,6 @@ def __getattr__(name):
         return importlib.import_module(f"sparse_sae.{name}")
     raise AttributeError(f"module 'sparse_sae' has no attribute {name!r}")
 
-__all__ = ["TopKSAE", "BatchTopKSAE", "ReLUSAE", "JumpReLUSAE", "SparseAutoencoder", "SAEOutput",
+__all__ = ["TopKSAE", "BatchTopKSAE", "MatryoshkaTopKSAE", "ReLUSAE", "JumpReLUSAE", "GatedSAE", "SparseAutoencoder", "SAEOutput",
            "OffSupportL1", "L1L2Ratio", "DecoderNormL1", "L0", "AuxK", "Penalty", "save", "load",
            "show_build", "ops", "ARCHITECTURES", "__version__"]

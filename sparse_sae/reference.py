@@ -382,3 +382,46 @@ def topk_sae_loss_ref(x, W_enc, b_enc, W_dec, b_dec, k: int, *, mode: str = "top
         losses["auxk"] = auxk_loss_ref(x, recon, aux_values, aux_idx, W_dec, dead.any())
         loss = loss + coef_auxk * losses["auxk"]
     return loss, losses, recon, values, indices
+
+
+# ----------------------------------------------------------------------------------------
+# Matryoshka Top-k and the Gated SAE, by dense autograd: the oracles of their modules
+# ----------------------------------------------------------------------------------------
+def matryoshka_prefix_recons_ref(values, indices, W_dec, b_dec, sizes):
+    """The reconstruction of each nested dictionary: for each prefix size ``m`` in ``sizes``,
+    the code restricted to latents ``< m`` decoded by the first ``m`` decoder rows, one dense
+    decode per prefix (``[B x D]`` per size)."""
+    code = dense_code_ref(values, indices, W_dec.shape[0])
+    return [code[:, :m] @ W_dec[:m] + b_dec for m in sizes]
+
+
+def matryoshka_topk_loss_ref(x, W_enc, b_enc, W_dec, b_dec, k: int, sizes, recon_loss: str = "fvu"):
+    """Loss of a Matryoshka Top-k SAE: each prefix ``m_1 < ... < m_n = F`` of the latents
+    reconstructs ``x`` from the Top-k code; the terms are summed. Returns ``(loss, recons)``."""
+    h = encode_ref(x, W_enc, b_enc, b_dec)
+    with torch.no_grad():
+        picked, indices = topk_select_ref(h, k)
+    values = h.gather(1, indices) * (picked > 0)
+    recons = matryoshka_prefix_recons_ref(values, indices, W_dec, b_dec, sizes)
+    term = fvu_ref if recon_loss == "fvu" else mse_ref
+    return sum(term(x, r) for r in recons), recons
+
+
+def gated_sae_loss_ref(x, W_gate, b_gate, r_mag, b_mag, W_dec, b_dec, *, coef_sparsity: float = 0.0,
+                       coef_aux: float = 1.0, recon_loss: str = "fvu"):
+    """Loss of a Gated SAE (Rajamanoharan et al., 2024) from its defining formulas:
+    ``pi = (x - b_dec) W_gate^T + b_gate``, ``W_mag = exp(r_mag) * W_gate`` (row-wise),
+    ``f = 1[pi > 0] * relu((x - b_dec) W_mag^T + b_mag)``; the loss is the reconstruction of
+    ``x`` from ``f``, plus ``coef_sparsity * (1/B) sum_ij relu(pi_ij) ||W_dec_j||``, plus
+    ``coef_aux`` times the reconstruction from ``relu(pi)`` through the frozen (detached)
+    decoder. Returns ``(loss, losses, f)``."""
+    xc = x - b_dec
+    pi = xc @ W_gate.T + b_gate
+    mag = xc @ (W_gate * torch.exp(r_mag)[:, None]).T + b_mag
+    f = (pi > 0).to(x.dtype) * torch.relu(mag)
+    term = fvu_ref if recon_loss == "fvu" else mse_ref
+    losses = {"recon": term(x, f @ W_dec + b_dec),
+              "decoder_norm_l1": (torch.relu(pi) * W_dec.norm(dim=1)).sum(1).mean(),
+              "gate_aux": term(x, torch.relu(pi) @ W_dec.detach() + b_dec.detach())}
+    loss = losses["recon"] + coef_sparsity * losses["decoder_norm_l1"] + coef_aux * losses["gate_aux"]
+    return loss, losses, f

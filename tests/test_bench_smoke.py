@@ -27,8 +27,8 @@ def results(tmp_path_factory):
 
 def test_suite_rows(results):
     rows = {(r["variant"], r["impl"]): r for r in results["rows"]}
-    assert len(rows) == 6 * 3
-    for variant in ("topk", "topk_off", "topk_ratio", "batchtopk", "relu_l1", "jumprelu"):
+    assert len(rows) == 8 * 3
+    for variant in ("topk", "topk_off", "topk_ratio", "batchtopk", "relu_l1", "jumprelu", "gated", "matryoshka"):
         for impl in ("ours", "dense"):
             r = rows[variant, impl]
             assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]

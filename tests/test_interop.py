@@ -56,7 +56,8 @@ def _saelens_dir(path, gen, cfg_extra=None, dtype=torch.float64, tensors_extra=N
 # ---------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("make", [lambda: S.TopKSAE(D, F, K, input_scale=0.5),
                                   lambda: S.ReLUSAE(D, F, input_scale=2.0),
-                                  lambda: S.JumpReLUSAE(D, F, init_threshold=0.05)])
+                                  lambda: S.JumpReLUSAE(D, F, init_threshold=0.05),
+                                  lambda: S.GatedSAE(D, F, input_scale=0.5)])
 def test_saelens_round_trip(tmp_path, gen, make):
     sae = _perturb(make(), gen).eval()
     to_saelens(sae, tmp_path)
@@ -182,9 +183,8 @@ def test_saelens_pre_6_config(tmp_path, gen):
 def test_import_errors(tmp_path, gen):
     with pytest.raises(FileNotFoundError, match="not a SAELens SAE directory"):
         from_saelens(tmp_path)
-    gated = {"b_gate": torch.zeros(F), "b_mag": torch.zeros(F), "r_mag": torch.zeros(F)}
-    _saelens_dir(tmp_path / "g", gen, arch="gated", tensors_extra=gated)
-    with pytest.raises(ValueError, match="this is a gated SAE .*no gated architecture"):
+    _saelens_dir(tmp_path / "g", gen, arch="abstopk", cfg_extra={"k": K})
+    with pytest.raises(ValueError, match="this is an AbsTopK SAE"):
         from_saelens(tmp_path / "g")
     _saelens_dir(tmp_path / "x", gen, tensors_extra={"W_skip": torch.zeros(D, D, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"\['W_skip'\] that sparse_sae has no counterpart for"):
@@ -301,3 +301,25 @@ def test_cli_help(capsys, command):
         main([command, "--help"])
     assert exc.value.code == 0
     assert "usage: sparse-sae" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_gated_import_computes_saelens_formula(tmp_path, gen, apply_b_dec_to_input):
+    """A SAELens gated SAE's files imported: the code equals SAELens's GatedSAE.encode written out
+    here from its definition (gate x' @ W_enc + b_gate > 0 times relu(x' @ (W_enc * exp(r_mag)) +
+    b_mag), x' = x - b_dec only when apply_b_dec_to_input)."""
+    t = _saelens_dir(tmp_path, gen, {"apply_b_dec_to_input": apply_b_dec_to_input}, arch="gated",
+                     tensors_extra={"r_mag": torch.rand(F, generator=gen, dtype=torch.float64) - 0.5,
+                                    "b_mag": torch.randn(F, generator=gen, dtype=torch.float64) * 0.3})
+    t["b_gate"] = t.pop("b_enc")
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    x = torch.randn(29, D, generator=gen, dtype=torch.float64)
+    xin = x - t["b_dec"] if apply_b_dec_to_input else x
+    gate = (xin @ t["W_enc"] + t["b_gate"]) > 0
+    want = gate * torch.relu(xin @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"])
+    sae = from_saelens(tmp_path)
+    assert isinstance(sae, S.GatedSAE)
+    out = sae(x)
+    assert 0 < float(gate.double().mean()) < 1
+    torch.testing.assert_close(out.dense_code(), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.recon, want @ t["W_dec"] + t["b_dec"], rtol=1e-10, atol=1e-12)

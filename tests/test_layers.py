@@ -161,4 +161,5 @@ def test_top_level_names():
     import sparse_sae as S
     from sparse_sae.saes import relu, topk
     assert S.TopKSAE is topk.TopKSAE and S.JumpReLUSAE is relu.JumpReLUSAE
-    assert set(S.ARCHITECTURES) == {"TopKSAE", "BatchTopKSAE", "ReLUSAE", "JumpReLUSAE"}
+    assert set(S.ARCHITECTURES) == {"TopKSAE", "BatchTopKSAE", "MatryoshkaTopKSAE", "ReLUSAE", "JumpReLUSAE",
+                                    "GatedSAE"}

@@ -185,6 +185,8 @@ def test_input_scale_is_transparent_and_folded_at_save(gen, tmp_path):
     lambda: S.BatchTopKSAE(D, F, K, [S.DecoderNormL1(0.3)], max_k_per_row=9),
     lambda: S.ReLUSAE(D, F, [S.DecoderNormL1(0.3)], recon_loss="mse"),
     lambda: S.JumpReLUSAE(D, F, [S.L0(0.01)], bandwidth=0.01),
+    lambda: S.MatryoshkaTopKSAE(D, F, K, [11, 40], [S.OffSupportL1(0.1)], auxk=S.AuxK(k_aux=4)),
+    lambda: S.GatedSAE(D, F, [S.DecoderNormL1(0.3)], aux_coef=0.5),
 ])
 def test_save_load_round_trip_exact(gen, tmp_path, make):
     sae = make()
@@ -325,6 +327,8 @@ ALL_ARCHITECTURES = [
     lambda: S.BatchTopKSAE(D, F, K, [S.OffSupportL1(0.1)], dtype=torch.float64),
     lambda: S.ReLUSAE(D, F, [S.DecoderNormL1(0.1)], dtype=torch.float64),
     lambda: S.JumpReLUSAE(D, F, [S.L0(0.1), S.DecoderNormL1(0.1)], dtype=torch.float64),
+    lambda: S.MatryoshkaTopKSAE(D, F, K, [7, 50], [S.L1L2Ratio(0.05)], dtype=torch.float64),
+    lambda: S.GatedSAE(D, F, [S.DecoderNormL1(0.1)], dtype=torch.float64),
 ]
 
 
@@ -358,12 +362,13 @@ def test_loss_weights_the_terms_once(gen, make):
     sae.tokens_since_fired.fill_(5)     # every latent dead for AuxK (dead after 1 row)
     out = sae(rand(gen, B, D))
     terms = out.losses
+    rec = terms["recon"] + sum(w * terms[name] for name, w in sae.recon_terms().items())
     pen = sum(p.coef * terms[p.name] for p in sae.penalties)
     aux = sae.auxk.coef * terms["auxk"] if "auxk" in terms else 0.0
-    assert set(terms) == {"recon"} | {p.name for p in sae.penalties} | ({"auxk"} if "auxk" in terms else set())
-    torch.testing.assert_close(out.loss, terms["recon"] + pen + aux)
+    assert set(terms) == ({"recon"} | set(sae.recon_terms()) | {p.name for p in sae.penalties}
+                          | ({"auxk"} if "auxk" in terms else set()))
+    torch.testing.assert_close(out.loss, rec + pen + aux)
     torch.testing.assert_close(sae.loss(out), out.loss)
-    torch.testing.assert_close(sae.loss(out, penalty_scale=0.25, recon_scale=3.0),
-                               3.0 * terms["recon"] + 0.25 * pen + aux)
+    torch.testing.assert_close(sae.loss(out, penalty_scale=0.25, recon_scale=3.0), 3.0 * rec + 0.25 * pen + aux)
     if isinstance(sae, S.TopKSAE) and sae.auxk is not None:
         assert float(terms["auxk"].detach()) > 0    # the AuxK term is live

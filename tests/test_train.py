@@ -96,14 +96,21 @@ def test_config_unknown_keys_and_files(tmp_path):
     t.write_text('k = 8\narchitecture = "batchtopk"\n')
     assert TrainConfig.from_file(t).architecture == "batchtopk"
     with pytest.raises(ValueError, match="architecture must be one of"):
-        TrainConfig(architecture="gated")
+        TrainConfig(architecture="sigmoid")
+    with pytest.raises(ValueError, match="matryoshka_sizes is needed by"):
+        TrainConfig(architecture="matryoshka")
+    with pytest.raises(ValueError, match="matryoshka_sizes is needed by"):
+        TrainConfig(matryoshka_sizes="8,32")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        TrainConfig(architecture="matryoshka", matryoshka_sizes="8,x")
     with pytest.raises(ValueError, match="l1_l2_ratio apply to topk"):
         TrainConfig(architecture="relu", l1_l2_ratio=0.1)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["batchtopk", "relu", "jumprelu", "gated", "matryoshka"])
 def test_other_architectures_train(tmp_path, data, arch):
-    extra = {"relu": {"decoder_norm_l1": 1e-3}, "jumprelu": {"l0": 1e-3}}.get(arch, {})
+    extra = {"relu": {"decoder_norm_l1": 1e-3}, "jumprelu": {"l0": 1e-3}, "gated": {"decoder_norm_l1": 1e-3},
+             "matryoshka": {"matryoshka_sizes": "12,48"}}.get(arch, {})
     cfg = _cfg(tmp_path, architecture=arch, steps=3, off_support_l1=0.0, l1_l2_ratio=0.0, **extra)
     m = Trainer(cfg, data).fit()
     assert m["step"] == 3 and m["loss"] > 0

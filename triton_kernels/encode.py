@@ -84,7 +84,7 @@ def encode_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(cc: int, fp32: bool):
+def _autotuned_kernel(cc: int, fp32: bool):
     """The kernel autotuned over the configs of one architecture class (key: F and D, not B)."""
     configs = fp32_configs() if fp32 else (hopper_configs() if cc >= 90 else ampere_configs())
     return triton.autotune(configs=configs, key=["F", "D"])(encode_kernel)
@@ -109,5 +109,5 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: tor
         encode_kernel[grid](*args, RELU=relu, PRECISION=precision, UPCAST=upcast_dot(x.dtype), **c)
     else:
         grid = lambda META: (triton.cdiv(B, META["BM"]) * triton.cdiv(F, META["BN"]),)  # noqa: E731
-        _tuned(arch(x.device), x.dtype == torch.float32)[grid](*args, RELU=relu, PRECISION=precision, UPCAST=False)
+        _autotuned_kernel(arch(x.device), x.dtype == torch.float32)[grid](*args, RELU=relu, PRECISION=precision, UPCAST=False)
     return h

@@ -12,8 +12,8 @@ product. The sparse part (``sp_grad`` at ``(i, sp_indices[i, j])``, grouped by l
 same accumulator: when a latent block holds few entries, as extra K steps whose ``G`` tile is
 one-hot by latent (``SPARSE_STEPS``; ``dW_enc`` is rounded once); when it holds many (large ``k``,
 small ``F``), where those one-hot steps would waste tensor-core work, the decoder's
-:func:`grouped_rows_kernel` writes it first and the GEMM starts from it. Without penalty terms
-(plain Top-k) only the sparse part runs, by :func:`grouped_rows_kernel`.
+:func:`accumulate_by_latent_kernel` writes it first and the GEMM starts from it. Without penalty terms
+(plain Top-k) only the sparse part runs, by :func:`accumulate_by_latent_kernel`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._config import arch, config, dot, dot_precision, interpreting, upcast_dot
-from .sparse_decode import grouped_rows
+from .sparse_decode import accumulate_by_latent
 
 
 # ------------------------------------------------------------------------------ configs
@@ -169,7 +169,7 @@ def penalty_grad_gemm_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(cc: int, fp32: bool):
+def _autotuned_kernel(cc: int, fp32: bool):
     """The kernel autotuned over one architecture's configs (key: F and D, not the batch)."""
     configs = fp32_configs() if fp32 else (hopper_configs() if cc >= 90 else ampere_configs())
     # dW and db are inputs too without SPARSE_STEPS: tuning runs must not accumulate into them
@@ -216,7 +216,7 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
     db = torch.empty(F, dtype=xc.dtype, device=xc.device)
     if coef_off is None and coef_ratio is None:   # plain Top-k: the sparse part alone (h may be None)
         dW = torch.empty(F, D, dtype=xc.dtype, device=xc.device)
-        grouped_rows(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
+        accumulate_by_latent(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
         return dW, db
     h = h.contiguous()
     if sparse_steps is None:
@@ -234,7 +234,7 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
             sp_indices.contiguous(), sp_grad, dW, db, B, F, D, max(sp_grad.shape[1], 1), float(ratio_eps),
             h.stride(0), xc.stride(0), dW.stride(0))
     if not sparse_steps:
-        grouped_rows(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
+        accumulate_by_latent(start, entries, sp_grad, xc, dW, max(sp_grad.shape[1], 1), sums=db)
     flags = dict(HAS_OFF=coef_off is not None, HAS_RATIO=coef_ratio is not None, SPARSE_STEPS=sparse_steps,
                  SCALE_G=scale_g,
                  PRECISION=dot_precision(xc.dtype, allow_tf32), UPCAST=upcast_dot(xc.dtype))
@@ -244,5 +244,5 @@ def penalty_backward(xc: torch.Tensor, h: torch.Tensor, active: torch.Tensor, n1
         penalty_grad_gemm_kernel[grid](*args, **flags, **c)
     else:
         grid = lambda META: (triton.cdiv(F, META["BF"]) * triton.cdiv(D, META["BD"]),)  # noqa: E731
-        _tuned(arch(xc.device), xc.dtype == torch.float32)[grid](*args, **flags)
+        _autotuned_kernel(arch(xc.device), xc.dtype == torch.float32)[grid](*args, **flags)
     return dW.to(xc.dtype), db

@@ -81,7 +81,7 @@ def sparse_decode_dvalues_kernel(
 
 # ------------------------------------------------------------------------------ backward: rows by latent
 @triton.jit
-def grouped_rows_kernel(
+def accumulate_by_latent_kernel(
     # pointers: CSC offsets (F + 1) and entry ids, the entries' values, source rows, output
     start_ptr, entry_ptr, val_ptr, src_ptr, out_ptr, sum_ptr,
     # sizes
@@ -131,15 +131,15 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     return out
 
 
-def grouped_rows(start: torch.Tensor, entries: torch.Tensor, vals: torch.Tensor, src: torch.Tensor,
+def accumulate_by_latent(start: torch.Tensor, entries: torch.Tensor, vals: torch.Tensor, src: torch.Tensor,
                  out: torch.Tensor, width: int, sums: torch.Tensor | None = None) -> None:
-    """Runs :func:`grouped_rows_kernel` over every latent (``out`` is ``F x D``, contiguous)."""
+    """Runs :func:`accumulate_by_latent_kernel` over every latent (``out`` is ``F x D``, contiguous)."""
     F, D = out.shape
     if F == 0 or D == 0:
         return
     BE, BD = (64, _blocks(D, 128)) if interpreting() else (16, _blocks(D, 512))
     grid = (F, triton.cdiv(D, BD))
-    grouped_rows_kernel[grid](start, entries, vals, src, out, sums if sums is not None else out,
+    accumulate_by_latent_kernel[grid](start, entries, vals, src, out, sums if sums is not None else out,
                               D, width, src.stride(0), out.stride(0), HAS_SUM=sums is not None,
                               BE=BE, BD=BD, num_warps=4)
 
@@ -158,5 +158,5 @@ def sparse_decode_backward(grad: torch.Tensor, values: torch.Tensor, indices: to
                                                              grad.stride(0), W_dec.stride(0), BJ=BJ, BD=BD,
                                                              num_warps=4)
     dW_dec = torch.empty(F, D, dtype=W_dec.dtype, device=W_dec.device)
-    grouped_rows(start, entries, values, grad, dW_dec, max(K, 1))
+    accumulate_by_latent(start, entries, values, grad, dW_dec, max(K, 1))
     return d_values, dW_dec

@@ -18,13 +18,19 @@ from dense_topk import dense_penalties  # noqa: E402
 from sparse_sae import reference  # noqa: E402
 
 # Every variant the suite knows, in table order.
-VARIANTS = ("topk", "topk_off", "topk_ratio", "batchtopk", "relu_l1", "jumprelu")
+VARIANTS = ("topk", "topk_off", "topk_ratio", "batchtopk", "relu_l1", "jumprelu", "gated", "matryoshka")
 VARIANT_TITLES = {"topk": "Top-k", "topk_off": "Top-k + off-support l1", "topk_ratio": "Top-k + l1/l2 ratio",
-                  "batchtopk": "BatchTopK", "relu_l1": "ReLU + l1", "jumprelu": "JumpReLU"}
+                  "batchtopk": "BatchTopK", "relu_l1": "ReLU + l1", "jumprelu": "JumpReLU", "gated": "Gated",
+                  "matryoshka": "Matryoshka Top-k"}
 # Penalty coefficients of the regularized variants (those of bench/cpu_step.py), the ReLU l1
 # and the JumpReLU L0 coefficients and bandwidth.
 COEF_OFF, COEF_RATIO, COEF_L1, COEF_L0 = 0.02, 0.01, 1e-3, 1e-3
 BANDWIDTH, THETA = 1e-3, 0.5
+
+
+def matryoshka_sizes(F: int) -> list:
+    """The Matryoshka variant's prefix sizes: F/8, F/2 and F."""
+    return [max(1, F // 8), max(2, F // 2), F]
 
 
 def coefs(variant: str) -> tuple[float, float]:
@@ -43,10 +49,12 @@ class Weights:
     W_dec: torch.Tensor
     b_dec: torch.Tensor
     theta: torch.Tensor = field(default=None)
+    r_mag: torch.Tensor = field(default=None)    # the Gated SAE's magnitude path
+    b_mag: torch.Tensor = field(default=None)
 
     def to(self, device=None, dtype=None) -> "Weights":
         return Weights(*(t.to(device=device, dtype=dtype) for t in
-                         (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.theta)))
+                         (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.theta, self.r_mag, self.b_mag)))
 
     def without_b_dec(self) -> "Weights":
         return replace(self, b_dec=torch.zeros_like(self.b_dec))
@@ -61,7 +69,9 @@ def shared_weights(D: int, F: int, seed: int = 0) -> Weights:
     W_enc = W_dec + 0.3 * torch.randn(F, D, generator=g) / D ** 0.5
     b_enc = 0.1 * torch.randn(F, generator=g)
     b_dec = 0.1 * torch.randn(D, generator=g)
-    return Weights(W_enc, b_enc, W_dec, b_dec, torch.full((F,), THETA))
+    r_mag = 0.2 * torch.randn(F, generator=g)
+    b_mag = 0.1 * torch.randn(F, generator=g)
+    return Weights(W_enc, b_enc, W_dec, b_dec, torch.full((F,), THETA), r_mag, b_mag)
 
 
 def batch(B: int, D: int, seed: int = 1) -> torch.Tensor:
@@ -125,6 +135,12 @@ def reference_w_enc_grad(variant: str, w: Weights, x, k: int) -> torch.Tensor:
         z = reference.encode_ref(x, W_enc, w.b_enc, w.b_dec, relu=False)
         a = reference.jumprelu_ref(z, w.theta, BANDWIDTH)
         loss = reference.fvu_ref(x, a @ w.W_dec + w.b_dec) + COEF_L0 * reference.l0_ref(z, w.theta, BANDWIDTH)
+    elif variant == "gated":
+        loss = reference.gated_sae_loss_ref(x, W_enc, w.b_enc, w.r_mag, w.b_mag, w.W_dec, w.b_dec,
+                                            coef_sparsity=COEF_L1)[0]
+    elif variant == "matryoshka":
+        loss = reference.matryoshka_topk_loss_ref(x, W_enc, w.b_enc, w.W_dec, w.b_dec, k,
+                                                  matryoshka_sizes(w.W_enc.shape[0]))[0]
     else:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     loss.backward()

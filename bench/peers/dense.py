@@ -3,12 +3,13 @@ penalties by plain autograd (bench/dense_topk.py); ReLU and JumpReLU likewise.""
 from __future__ import annotations
 
 import torch
-from dense_topk import DenseTopKSAE  # common.py put bench/ on sys.path
+from dense_threshold import DenseGatedSAE, DenseMatryoshkaSAE  # common.py put bench/ on sys.path
+from dense_topk import DenseTopKSAE
 from torch import nn
 
 from sparse_sae import reference
 
-from .common import BANDWIDTH, COEF_L0, COEF_L1, VARIANTS, Runner, coefs, fvu
+from .common import BANDWIDTH, COEF_L0, COEF_L1, VARIANTS, Runner, coefs, fvu, matryoshka_sizes
 
 NAME = "dense"
 PACKAGE = "torch"
@@ -85,6 +86,13 @@ def build(variant: str, w, k: int) -> Runner:
     D, F = w.W_enc.shape[1], w.W_enc.shape[0]
     if variant in ("relu_l1", "jumprelu"):
         return _Dense(DenseReLUSAE(w, jump=variant == "jumprelu"))
+    if variant in ("gated", "matryoshka"):
+        m = (DenseGatedSAE(D, F, COEF_L1, dtype=w.W_enc.dtype) if variant == "gated"
+             else DenseMatryoshkaSAE(D, F, k, matryoshka_sizes(F), dtype=w.W_enc.dtype)).to(w.W_enc.device)
+        with torch.no_grad():
+            for name, _ in m.named_parameters():
+                getattr(m, name).copy_(getattr(w, name))
+        return _Dense(m)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}")
     off, ratio = coefs(variant)

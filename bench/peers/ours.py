@@ -5,7 +5,7 @@ import torch
 
 import sparse_sae as S
 
-from .common import BANDWIDTH, COEF_L0, COEF_L1, COEF_OFF, COEF_RATIO, VARIANTS, Runner
+from .common import BANDWIDTH, COEF_L0, COEF_L1, COEF_OFF, COEF_RATIO, VARIANTS, Runner, matryoshka_sizes
 
 NAME = "ours"
 PACKAGE = "sparse-sae"
@@ -34,6 +34,10 @@ def build(variant: str, w, k: int) -> Runner:
         m = S.ReLUSAE(D, F, [S.DecoderNormL1(COEF_L1)], **kw)
     elif variant == "jumprelu":
         m = S.JumpReLUSAE(D, F, [S.L0(COEF_L0)], bandwidth=BANDWIDTH, **kw)
+    elif variant == "gated":
+        m = S.GatedSAE(D, F, [S.DecoderNormL1(COEF_L1)], **kw)
+    elif variant == "matryoshka":
+        m = S.MatryoshkaTopKSAE(D, F, k, matryoshka_sizes(F), **kw)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     with torch.no_grad():
@@ -41,6 +45,9 @@ def build(variant: str, w, k: int) -> Runner:
             getattr(m, name).copy_(getattr(w, name))
         if variant == "jumprelu":
             m.log_threshold.copy_(w.theta.log())
+        if variant == "gated":
+            m.r_mag.copy_(w.r_mag)
+            m.b_mag.copy_(w.b_mag)
     return _Ours(m)
 
 

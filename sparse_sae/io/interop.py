@@ -161,7 +161,7 @@ def _load(sae, state: dict) -> None:
 # ---------------------------------------------------------------------------------------- export
 def export_notes(sae, fmt: str) -> list:
     """What exporting ``sae`` to ``fmt`` (``saelens`` or ``sparsify``) leaves out or converts."""
-    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE
+    from sparse_sae.saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaTopKSAE
 
     notes = []
     if sae.input_scale is not None:
@@ -175,6 +175,10 @@ def export_notes(sae, fmt: str) -> list:
         left.append(f"AuxK({sae.auxk.coef:g})")
     if isinstance(sae, JumpReLUSAE):
         left.append(f"bandwidth {sae.bandwidth:g}")
+    if isinstance(sae, GatedSAE):
+        left.append(f"aux_coef {sae.aux_coef:g}")
+    if isinstance(sae, MatryoshkaTopKSAE):
+        left.append(f"matryoshka_sizes {list(sae.matryoshka_sizes)} (it runs as a plain Top-k SAE at inference)")
     if left:
         notes.append("training settings not carried over: " + ", ".join(left))
     if fmt == "sparsify" and not _unit_rows(folded_state(sae)["W_dec"]):
@@ -208,7 +212,7 @@ def to_saelens(sae, directory, *, hook_name: str | None = None, model_name: str 
     """Writes ``sae`` in the SAELens 6.x format to ``directory``; ``hook_name``, ``model_name`` (and
     ``hf_hook_name``, a transformers module path) go to its metadata. Refuses a folder that holds
     another SAE (``overwrite`` replaces an earlier SAELens export)."""
-    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+    from sparse_sae.saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
     state = folded_state(sae)
     tensors = {"W_enc": state["W_enc"].T, "W_dec": state["W_dec"], "b_enc": state["b_enc"], "b_dec": state["b_dec"]}
@@ -232,6 +236,9 @@ def to_saelens(sae, directory, *, hook_name: str | None = None, model_name: str 
     elif isinstance(sae, JumpReLUSAE):
         cfg["architecture"] = "jumprelu"
         tensors["threshold"] = state["log_threshold"].exp()
+    elif isinstance(sae, GatedSAE):
+        cfg["architecture"] = "gated"
+        tensors.update(b_gate=tensors.pop("b_enc"), r_mag=state["r_mag"], b_mag=state["b_mag"])
     elif isinstance(sae, ReLUSAE):
         cfg["architecture"] = "standard"
     else:
@@ -265,6 +272,7 @@ _SAELENS_UNDERSTOOD = {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to
                        "sae_lens_version"}
 _SAELENS_ARCH_KEYS = {
     "standard": set(),
+    "gated": set(),
     "jumprelu": {"jumprelu_bandwidth", "jumprelu_init_threshold"},
     "topk": {"k", "rescale_acts_by_decoder_norm"},
     "batchtopk": {"k", "rescale_acts_by_decoder_norm", "topk_threshold_lr"},
@@ -282,8 +290,6 @@ _SAELENS_DESCRIPTIVE = {
     "seqpos_slice", "dataset_path", "dataset_trust_remote_code", "sae_lens_training_version", "hf_hook_name",
 }
 _SAELENS_OTHER_ARCH = {
-    "gated": "a gated SAE (separate gate and magnitude paths: b_gate, b_mag, r_mag); sparse_sae has no gated "
-             "architecture",
     "abstopk": "an AbsTopK SAE (selects by |z| and keeps negative codes); sparse_sae's Top-k keeps the largest "
                "positive pre-activations",
     "matryoshka_batchtopk": "a Matryoshka BatchTopK training checkpoint (nested losses); save it with "
@@ -299,8 +305,8 @@ def _saelens_arch(cfg: dict, path) -> str:
     if arch in _SAELENS_OTHER_ARCH:
         raise ValueError(f"{path}: this is {_SAELENS_OTHER_ARCH[arch]}; it cannot be imported")
     if arch not in _SAELENS_ARCH_KEYS:
-        raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported (supported: standard, topk, "
-                         f"jumprelu, and batchtopk training checkpoints)")
+        raise ValueError(f"{path}: SAELens architecture {arch!r} is not supported (supported: standard, gated, "
+                         f"topk, jumprelu, and batchtopk training checkpoints)")
     want = "topk" if arch in ("topk", "batchtopk") else "relu"
     if act is not None and act != want:
         raise ValueError(f"{path}: activation_fn {act!r} does not match architecture {arch!r} (expected {want!r})")
@@ -311,10 +317,10 @@ def _saelens_arch(cfg: dict, path) -> str:
 
 
 def read_saelens(directory, device=None) -> Imported:
-    """Reads an SAELens SAE (``standard``, ``topk``, ``jumprelu``, or a ``batchtopk`` training
-    checkpoint) from ``directory``: the SAE computes the codes and reconstructions that SAELens's
-    own ``SAE.load_from_disk`` does."""
-    from sparse_sae.saes import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+    """Reads an SAELens SAE (``standard``, ``gated``, ``topk``, ``jumprelu``, or a ``batchtopk``
+    training checkpoint) from ``directory``: the SAE computes the codes and reconstructions that
+    SAELens's own ``SAE.load_from_disk`` does."""
+    from sparse_sae.saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
     cfg, t = _read(directory, SAELENS_WEIGHTS, "SAELens")
     path, w_path = Path(directory) / EXPORT_CONFIG, Path(directory) / SAELENS_WEIGHTS
@@ -326,7 +332,11 @@ def read_saelens(directory, device=None) -> Imported:
     optional = ("scaling_factor", "log_threshold") if arch == "jumprelu" else ("scaling_factor",)
     if arch == "jumprelu" and "log_threshold" in t and "threshold" not in t:   # older SAELens checkpoints
         t["threshold"] = t.pop("log_threshold").exp()
-    _check_tensors(t, ("W_enc", "W_dec", "b_enc", "b_dec") + extra, optional, w_path)
+    if arch == "gated":   # b_gate is our b_enc (W_enc is shared by the gate and magnitude paths)
+        _check_tensors(t, ("W_enc", "W_dec", "b_gate", "r_mag", "b_mag", "b_dec"), optional, w_path)
+        t["b_enc"] = t.pop("b_gate")
+    else:
+        _check_tensors(t, ("W_enc", "W_dec", "b_enc", "b_dec") + extra, optional, w_path)
     if "scaling_factor" in t:        # pre-6.0 finetuning scale: SAELens drops it when it is all ones
         if not torch.all(t["scaling_factor"] == 1):
             raise ValueError(f"{w_path}: a finetuning scaling_factor other than 1 is not supported")
@@ -353,8 +363,11 @@ def read_saelens(directory, device=None) -> Imported:
     notes = []
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens encodes x @ W_enc + b_enc; sparse_sae encodes (x - b_dec) @ W_enc.T + b_enc
-        b_enc = (b_enc.double() + t["W_enc"].double().T @ b_dec.double()).to(dtype)
-        notes.append("apply_b_dec_to_input=false: b_dec @ W_enc folded into b_enc")
+        shift = t["W_enc"].double().T @ b_dec.double()
+        b_enc = (b_enc.double() + shift).to(dtype)
+        if arch == "gated":   # the magnitude path's encoder is exp(r_mag) * W_enc
+            t["b_mag"] = (t["b_mag"].double() + t["r_mag"].double().exp() * shift).to(dtype)
+        notes.append("apply_b_dec_to_input=false: b_dec @ W_enc folded into the encoder's biases")
     if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm", arch == "batchtopk"):
         # as SAELens's fold_W_dec_norm: the codes it computes (hidden_pre * ||W_dec_j||) unchanged
         n = W_dec.norm(dim=-1).clamp(min=1e-8)
@@ -387,6 +400,11 @@ def read_saelens(directory, device=None) -> Imported:
         sae = JumpReLUSAE(d_in, d_sae, bandwidth=float(cfg.get("jumprelu_bandwidth", 1e-3)),
                           init_threshold=float(cfg.get("jumprelu_init_threshold") or thr.mean()), **kw)
         state["log_threshold"] = thr.log()
+    elif arch == "gated":
+        sae = GatedSAE(d_in, d_sae, **kw)
+        state.update(r_mag=t["r_mag"], b_mag=t["b_mag"])
+        notes.append("gated: SAELens's W_enc and b_gate are the gate's (sparse_sae's W_enc and b_enc); the "
+                     "magnitude path shares W_enc, scaled by exp(r_mag)")
     else:
         sae = ReLUSAE(d_in, d_sae, **kw)
     _load(sae, state)

@@ -93,7 +93,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_values, g_indices, g_band_values, g_band_indices, g_n_band, g_dense, g_l0, g_fired, g_z):
     x, W_enc, b_dec, theta, z, values, indices, band_indices, n_band = ctx.saved_tensors
-    B, F = x.shape[0], W_enc.shape[0]
+    B = x.shape[0]
     bw = ctx.bandwidth
     need_dx = ctx.needs_input_grad[0]
     need_theta = theta is not None and ctx.needs_input_grad[4]

@@ -1,6 +1,9 @@
 """The SAE modules: the base class (parameters, checks, the loss, save/load) in ``base.py``, one
-file per family of architectures (``topk.py``, ``relu.py``), the file format in ``serialization.py``."""
+file per family of architectures (``topk.py``, ``matryoshka.py``, ``relu.py``, ``gated.py``),
+the file format in ``serialization.py``."""
 from sparse_sae.saes.base import ARCHITECTURES, RECON_LOSSES, SAEOutput, SparseAutoencoder, load, save
+from sparse_sae.saes.gated import GatedSAE
+from sparse_sae.saes.matryoshka import MatryoshkaTopKSAE
 from sparse_sae.saes.relu import JumpReLUSAE, ReLUSAE
 from sparse_sae.saes.serialization import CONFIG_FILE, WEIGHTS_FILE, folded_state, saved_activations
 from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
@@ -19,6 +22,6 @@ def architecture_names() -> dict:
     return {cls.architecture: cls for cls in ARCHITECTURES.values()}
 
 
-__all__ = ["SparseAutoencoder", "SAEOutput", "TopKSAE", "BatchTopKSAE", "ReLUSAE", "JumpReLUSAE", "ARCHITECTURES",
-           "RECON_LOSSES", "save", "load", "folded_state", "saved_activations", "CONFIG_FILE", "WEIGHTS_FILE",
-           "architecture_class", "architecture_names"]
+__all__ = ["SparseAutoencoder", "SAEOutput", "TopKSAE", "BatchTopKSAE", "MatryoshkaTopKSAE", "ReLUSAE",
+           "JumpReLUSAE", "GatedSAE", "ARCHITECTURES", "RECON_LOSSES", "save", "load", "folded_state",
+           "saved_activations", "CONFIG_FILE", "WEIGHTS_FILE", "architecture_class", "architecture_names"]

@@ -179,17 +179,26 @@ class SparseAutoencoder(nn.Module):
         return reference.fvu_ref(xs, recon) if self.recon_loss == "fvu" else reference.mse_ref(xs, recon)
 
     def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0) -> torch.Tensor:
-        """The training loss of ``out``: ``recon_scale * recon + penalty_scale * sum_p coef_p * term_p``
-        plus AuxK's ``coef * auxk`` when present. ``forward`` sets ``out.loss`` with the defaults;
-        the trainer calls it with its warm-up ``penalty_scale`` (and, with data parallelism, the
-        ``recon_scale`` that makes the local FVU's gradient the global batch's)."""
+        """The training loss of ``out``: ``recon_scale * (recon + sum_t w_t * recon_t)`` over the
+        architecture's further reconstruction terms (:meth:`recon_terms`: Matryoshka's prefixes,
+        the Gated SAE's auxiliary reconstruction), ``+ penalty_scale * sum_p coef_p * term_p``
+        over the penalties, ``+ coef * auxk`` when AuxK ran. ``forward`` sets ``out.loss`` with
+        the defaults; the trainer calls it with its warm-up ``penalty_scale`` (and, with data
+        parallelism, the ``recon_scale`` that makes the local FVU's gradient the global batch's)."""
         losses = out.losses
         loss = losses["recon"] * recon_scale
+        for name, weight in self.recon_terms().items():
+            loss = loss + (weight * recon_scale) * losses[name]
         for p in self.penalties:
             loss = loss + (penalty_scale * p.coef) * losses[p.name]
         if "auxk" in losses:
             loss = loss + self.auxk.coef * losses["auxk"]
         return loss
+
+    def recon_terms(self) -> dict:
+        """``{name: weight}`` of the reconstruction terms beyond ``recon`` (each measured like
+        ``recon``, against the input's batch variance for FVU); none for most architectures."""
+        return {}
 
     def _output(self, recon, losses, fired, **code) -> SAEOutput:
         """The :class:`SAEOutput` of a forward, its ``loss`` weighted by :meth:`loss`."""

@@ -48,6 +48,17 @@ class ReLUSAE(SparseAutoencoder):
             return pack_dense_code(code.dense, self.n_latents)
         return code.values, code.indices
 
+    def _decoder_norm_l1(self, rows: int, *, dense=None, values=None, indices=None):
+        """``(1/B) sum_ij a_ij ||W_dec_j||`` of a dense code ``a`` or a packed one."""
+        norms = self.W_dec.norm(dim=1)
+        if dense is not None:
+            return (dense * norms).sum() / rows
+        # summed by latent first (index_add_, whose backward is a gather): the gradient of W_dec's
+        # norms is then a dense F-vector, the same bits for any thread count, which the
+        # advanced-indexing backward of norms[indices] is not
+        per_latent = values.new_zeros(self.n_latents).index_add_(0, indices.reshape(-1), values.reshape(-1))
+        return (per_latent * norms).sum() / rows
+
     def forward(self, x) -> SAEOutput:
         xs = self._checked_scaled_input(x)
         code = self._threshold_code(xs)
@@ -58,7 +69,7 @@ class ReLUSAE(SparseAutoencoder):
             recon = a @ W_dec + b_dec
             decoded = {"code": a}
             def decoder_norm_l1():
-                return (a * self.W_dec.norm(dim=1)).sum() / B
+                return self._decoder_norm_l1(B, dense=a)
         else:
             # the inactive band entries (value 0) ride along: their dL/da moves the thresholds
             values, indices = code.values, code.indices
@@ -68,11 +79,7 @@ class ReLUSAE(SparseAutoencoder):
             recon = ops.sparse_decode(values, indices, W_dec, b_dec)
             decoded = {"values": code.values, "indices": code.indices}
             def decoder_norm_l1():
-                # summed by latent first (index_add_, whose backward is a gather): the gradient of
-                # W_dec's norms is then a dense F-vector, the same bits for any thread count,
-                # which the advanced-indexing backward of norms[indices] is not
-                per_latent = values.new_zeros(self.n_latents).index_add_(0, indices.reshape(-1), values.reshape(-1))
-                return (per_latent * self.W_dec.norm(dim=1)).sum() / B
+                return self._decoder_norm_l1(B, values=values, indices=indices)
         terms = {DecoderNormL1.name: decoder_norm_l1, L0.name: lambda: code.l0}
         losses = {"recon": self._recon_term(xs, recon)}
         losses.update({p.name: terms[p.name]() for p in self.penalties})

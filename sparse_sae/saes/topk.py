@@ -69,13 +69,17 @@ class TopKSAE(SparseAutoencoder):
         return self._decode_with_losses(xs, code.values, code.indices, code.fired,
                                         {"off_support_l1": code.off_support_l1, "l1_l2_ratio": code.l1_l2_ratio}, aux)
 
+    def _further_recon_losses(self, xs, values, indices, W_dec, b_dec) -> dict:
+        """The terms of :meth:`recon_terms` for this code (none for Top-k itself)."""
+        return {}
+
     def _decode_with_losses(self, xs, values, indices, fired, paper_terms: dict, aux) -> SAEOutput:
         """Decodes the code, computes every loss term and updates the firing statistics.
         ``paper_terms`` holds the penalty values that came with the code; ``aux`` is
         ``(aux_values, aux_indices, dead)`` or None."""
         W_dec, b_dec = self._autocast(self.W_dec, self.b_dec)
         recon = ops.sparse_decode(values, indices, W_dec, b_dec)
-        losses = {"recon": self._recon_term(xs, recon)}
+        losses = {"recon": self._recon_term(xs, recon), **self._further_recon_losses(xs, values, indices, W_dec, b_dec)}
         for p in self.penalties:
             losses[p.name] = (paper_terms[p.name] if p.name in PAPER_TERMS
                               else reference.decoder_norm_l1_ref(values, indices, self.W_dec))

@@ -14,6 +14,9 @@ from pathlib import Path
 from sparse_sae import saes
 from sparse_sae.penalties import L0, AuxK, DecoderNormL1, L1L2Ratio, OffSupportL1
 
+# The architectures with a hard budget k (and AuxK, and the paper's penalties).
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
 # Fields that may change between a checkpoint and its resumption; every other field must match.
 RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
                         "tensorboard", "data", "device", "skip_nonfinite"})
@@ -35,10 +38,11 @@ class TrainConfig:
     shuffle: bool = option(True, "shuffle rows (within the memory budget)")
     skip_nonfinite: bool = option(False, "drop data rows holding NaN/Inf (counted as skipped_rows in the metrics) instead of stopping")
     # --- model
-    architecture: str = option("topk", "topk | batchtopk | relu | jumprelu")
+    architecture: str = option("topk", "topk | batchtopk | matryoshka | relu | jumprelu | gated")
     n_latents: int | None = option(None, "SAE width; default expansion_factor * d_in")
     expansion_factor: int = option(16, "n_latents = expansion_factor * d_in when n_latents is unset")
     k: int = option(32, "active latents per row (topk, batchtopk)")
+    matryoshka_sizes: str | None = option(None, "matryoshka: sizes of the nested prefixes of the latents, comma-separated (e.g. 1024,4096; n_latents is added)")
     max_k_per_row: int | None = option(None, "batchtopk: most entries a row keeps (a fixed code width: no host sync per step on a GPU)")
     off_support_l1: float = option(0.0, "paper penalty coefficient (topk, batchtopk); 0.02 did best on the demo")
     l1_l2_ratio: float = option(0.0, "paper penalty coefficient (topk, batchtopk); 0.01 did best on the demo")
@@ -74,6 +78,14 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.matryoshka_sizes, str):
+            try:
+                self.matryoshka_sizes = tuple(int(m) for m in self.matryoshka_sizes.replace(" ", "").split(",") if m)
+            except ValueError:
+                raise ValueError(f"matryoshka_sizes must be comma-separated integers, got {self.matryoshka_sizes!r}") \
+                    from None
+        elif self.matryoshka_sizes is not None:
+            self.matryoshka_sizes = tuple(self.matryoshka_sizes)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -105,9 +117,12 @@ class TrainConfig:
             raise ValueError(f"recon_loss must be 'fvu' or 'mse', got {self.recon_loss!r}")
         if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {self.dtype!r}")
-        topk = self.architecture in ("topk", "batchtopk")
+        topk = self.architecture in TOPK_FAMILY
         if not topk and (self.off_support_l1 or self.l1_l2_ratio):
-            raise ValueError(f"off_support_l1 and l1_l2_ratio apply to topk and batchtopk, not {self.architecture}")
+            raise ValueError(f"off_support_l1 and l1_l2_ratio apply to {', '.join(TOPK_FAMILY)}, not "
+                             f"{self.architecture}")
+        if (self.matryoshka_sizes is not None) != (self.architecture == "matryoshka"):
+            raise ValueError("matryoshka_sizes is needed by, and applies only to, architecture 'matryoshka'")
         if self.l0 and self.architecture != "jumprelu":
             raise ValueError(f"l0 applies to jumprelu only, not {self.architecture}")
         if self.max_k_per_row is not None and self.architecture != "batchtopk":
@@ -154,6 +169,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        if self.matryoshka_sizes is not None:
+            d["matryoshka_sizes"] = list(self.matryoshka_sizes)
         return d
 
     def mismatches(self, other: "TrainConfig") -> dict:
@@ -182,12 +199,14 @@ class TrainConfig:
         kwargs = dict(recon_loss=self.recon_loss, input_scale=input_scale, dtype=getattr(torch, self.dtype),
                       device=device)
         n = self.latents_for(d_in)
-        if self.architecture in ("topk", "batchtopk"):
+        if self.architecture in TOPK_FAMILY:
             if self.k > n:
                 raise ValueError(f"k={self.k} exceeds the number of latents {n}")
             auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
             if self.architecture == "batchtopk":
                 kwargs["max_k_per_row"] = self.max_k_per_row
+            if self.architecture == "matryoshka":
+                return cls(d_in, n, self.k, self.matryoshka_sizes, penalties, auxk=auxk, **kwargs)
             return cls(d_in, n, self.k, penalties, auxk=auxk, **kwargs)
         return cls(d_in, n, penalties, **kwargs)
 

@@ -36,6 +36,12 @@ def _thresholds(gen, dtype):
     return (0.2 + 0.8 * torch.rand(F, generator=gen, dtype=torch.float64)).to(dtype)
 
 
+def _magnitude_path(gen, dtype):
+    """A Gated SAE's ``r_mag`` and ``b_mag``: magnitudes scaled by 0.5 to 2, shifted both ways."""
+    return {"r_mag": (torch.rand(F, generator=gen, dtype=torch.float64) * 1.4 - 0.7).to(dtype),
+            "b_mag": (torch.randn(F, generator=gen, dtype=torch.float64) * 0.3).to(dtype)}
+
+
 def _x(gen, dtype):
     return torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype)
 
@@ -87,9 +93,13 @@ def _our_sae(arch, gen, dtype, input_scale):
         sae = S.BatchTopKSAE(D, F, K, input_scale=input_scale, dtype=dtype)
     elif arch == "jumprelu":
         sae = S.JumpReLUSAE(D, F, input_scale=input_scale, dtype=dtype)
+    elif arch == "gated":
+        sae = S.GatedSAE(D, F, [S.DecoderNormL1(0.1)], input_scale=input_scale, dtype=dtype)
     else:
         sae = S.ReLUSAE(D, F, input_scale=input_scale, dtype=dtype)
     extra = {"log_threshold": _thresholds(gen, dtype).log()} if arch == "jumprelu" else {}
+    if arch == "gated":
+        extra = _magnitude_path(gen, dtype)
     _set(sae, gen, dtype, **extra)
     if arch == "batchtopk":
         sae.train()(_x(gen, dtype))           # learns its global threshold
@@ -99,7 +109,8 @@ def _our_sae(arch, gen, dtype, input_scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("input_scale", [None, 0.5])
 @pytest.mark.parametrize("arch,peer_class", [("topk", "TopKSAE"), ("batchtopk", "JumpReLUSAE"),
-                                             ("jumprelu", "JumpReLUSAE"), ("relu", "StandardSAE")])
+                                             ("jumprelu", "JumpReLUSAE"), ("relu", "StandardSAE"),
+                                             ("gated", "GatedSAE")])
 def test_saelens_loads_our_export(tmp_path, gen, arch, peer_class, input_scale, dtype):
     sae = _our_sae(arch, gen, dtype, input_scale)
     interop.to_saelens(sae, tmp_path, hook_name="blocks.3.hook_resid_post", model_name="gpt2")
@@ -155,7 +166,23 @@ def _lens_standard(gen, dtype, training, apply_b_dec_to_input=True):
                             apply_b_dec_to_input=apply_b_dec_to_input)), gen, dtype)
 
 
+def _lens_gated(gen, dtype, training, apply_b_dec_to_input=True):
+    cls, cfg_cls = ((sae_lens.GatedTrainingSAE, sae_lens.GatedTrainingSAEConfig) if training
+                    else (sae_lens.GatedSAE, sae_lens.GatedSAEConfig))
+    peer = cls(cfg_cls(d_in=D, d_sae=F, dtype=str(dtype).removeprefix("torch."),
+                       apply_b_dec_to_input=apply_b_dec_to_input))
+    W_enc, b_gate, W_dec, b_dec = _weights(gen, dtype)
+    with torch.no_grad():          # SAELens's gated SAE has b_gate in place of b_enc
+        for name, value in dict(W_enc=W_enc.T, b_gate=b_gate, W_dec=W_dec, b_dec=b_dec,
+                                **_magnitude_path(gen, dtype)).items():
+            getattr(peer, name).copy_(value)
+    return peer
+
+
 PEERS = {
+    "GatedSAE": lambda gen, dt: _lens_gated(gen, dt, False),
+    "GatedTrainingSAE": lambda gen, dt: _lens_gated(gen, dt, True),
+    "GatedSAE without b_dec on the input": lambda gen, dt: _lens_gated(gen, dt, False, False),
     "TopKSAE": lambda gen, dt: _lens_topk(gen, dt, False, None),
     "TopKSAE rescaled": lambda gen, dt: _lens_topk(gen, dt, False, True),
     "TopKTrainingSAE (rescales by default)": lambda gen, dt: _lens_topk(gen, dt, True, None),
@@ -198,12 +225,6 @@ def test_batchtopk_training_checkpoint(tmp_path, gen):
     assert isinstance(ours, S.BatchTopKSAE) and ours.k == K
     _assert_same(_ours(ours, x), want, torch.float32, "BatchTopK checkpoint")
     _assert_same(_ours(interop.from_saelens(tmp_path / "inference"), x), want, torch.float32, "BatchTopK inference")
-
-
-def test_gated_is_refused_by_name(tmp_path):
-    sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D, d_sae=F)).save_model(tmp_path)
-    with pytest.raises(ValueError, match="gated SAE"):
-        interop.from_saelens(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
