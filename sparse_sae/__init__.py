@@ -16,6 +16,7 @@ from sparse_sae.saes import (
     MatryoshkaTopKSAE,
     ReLUSAE,
     SAEOutput,
+    ShardedTopKSAE,
     SparseAutoencoder,
     TopKSAE,
     load,
@@ -33,6 +34,6 @@ def __getattr__(name):
         return importlib.import_module(f"sparse_sae.{name}")
     raise AttributeError(f"module 'sparse_sae' has no attribute {name!r}")
 
-__all__ = ["TopKSAE", "BatchTopKSAE", "MatryoshkaTopKSAE", "ReLUSAE", "JumpReLUSAE", "GatedSAE", "SparseAutoencoder", "SAEOutput",
+__all__ = ["TopKSAE", "BatchTopKSAE", "MatryoshkaTopKSAE", "ReLUSAE", "JumpReLUSAE", "GatedSAE", "ShardedTopKSAE", "SparseAutoencoder", "SAEOutput",
            "OffSupportL1", "L1L2Ratio", "DecoderNormL1", "L0", "AuxK", "Penalty", "save", "load",
            "show_build", "ops", "ARCHITECTURES", "__version__"]

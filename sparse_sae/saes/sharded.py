@@ -1,0 +1,321 @@
+"""Latent parallelism: a (Batch)Top-k SAE whose latents are split across the processes of a
+``torch.distributed`` group, for dictionaries larger than one device holds.
+
+Rank ``r`` of ``P`` holds the contiguous slice ``[lo, hi)`` of the ``F`` latents (``W_enc``,
+``b_enc``, ``W_dec`` rows, their optimizer state, their firing counters) and ``b_dec``
+(replicated). Every rank of the group sees the same batch. Per step:
+
+- each rank runs the encoder GEMM on its slice and a local selection (the local Top-k of each
+  row, or the local ``B * k`` largest for BatchTopK, with the AuxK candidates among its dead
+  latents);
+- the global selection is the selection among the gathered candidates (an all-gather of
+  ``B x k`` values and indices per rank), with the reference's tie rule (lower global index,
+  lower flat index for BatchTopK): a globally selected entry is always among its rank's local
+  candidates, so the result equals one process's selection;
+- the batch-active set ``A`` restricted to a slice follows from the global selection with no
+  communication; the row norms ``n1``, ``n2`` over ``A`` are all-reduce sums of ``B`` numbers;
+- each rank decodes its own selected entries; one all-reduce of ``B x D`` gives the
+  reconstruction, identical on every rank, and so are the loss and its gradient with respect to
+  the reconstruction. Every backward is then local to the rank's latents, except the encoder's
+  contribution to ``dL/dx`` and ``dL/db_dec``, summed over ranks in the backward.
+
+The result equals one process on the same batch and weights: the same selected indices, the
+losses and every gradient to float rounding (``tests/test_latent_parallel.py``: 1e-12 relative
+in float64 for P = 2 and 4). Penalty gradients on a slice run by autograd through the slice's
+``B x F/P`` pre-activations (not yet through the fused ``topk_code`` node).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_sae import ops, reference
+from sparse_sae._checks import check_activations, check_int
+from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
+from sparse_sae.saes.base import RECON_LOSSES, SAEOutput
+from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
+
+MODES = ("topk", "batchtopk")
+
+
+def shard_bounds(n_latents: int, n_shards: int, shard: int) -> tuple[int, int]:
+    """``[lo, hi)`` of shard ``shard``: contiguous slices, the first ``n_latents % n_shards`` one longer."""
+    base, extra = divmod(n_latents, n_shards)
+    lo = shard * base + min(shard, extra)
+    return lo, lo + base + (1 if shard < extra else 0)
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce sum of per-rank partials whose backward is the identity: every rank goes on with
+    the same sum to the same loss, so each partial's gradient is the loss's gradient with respect
+    to the sum (a differentiable all-reduce would sum the ``P`` equal gradients)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _SumGradsOverShards(torch.autograd.Function):
+    """Identity whose backward sums the gradient over ranks: a replicated tensor that each rank
+    feeds into its own slice's computation (the centred input of the encoder)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _all_gather(t: torch.Tensor, group) -> list:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _top_by_value_then_index(values, keys, n: int):
+    """The ``n`` entries of each row with the largest ``values``, equal values by smaller ``keys``
+    (positions into the row): a stable descending sort after an ascending sort by key."""
+    by_key = torch.sort(keys, dim=-1, stable=True)
+    v = values.gather(-1, by_key.indices)
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :n]
+    return v.gather(-1, order), by_key.values.gather(-1, order)
+
+
+class ShardedTopKSAE(nn.Module):
+    """A Top-k (``mode="topk"``) or BatchTopK SAE with its latents split over ``group``; see the
+    module docstring. Takes ``OffSupportL1``, ``L1L2Ratio`` and ``auxk=AuxK(...)``. Build it from
+    a whole SAE with :meth:`from_full`; :meth:`full_state_dict` gathers the whole SAE back."""
+
+    allowed_penalties = (OffSupportL1, L1L2Ratio)
+
+    def __init__(self, d_in: int, n_latents: int, k: int, penalties: Sequence[Penalty] = (), *, mode: str = "topk",
+                 auxk: AuxK | None = None, recon_loss: str = "fvu", threshold_momentum: float = 0.01, group=None,
+                 dtype=None, device=None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedTopKSAE needs an initialised torch.distributed process group")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        self.group = group
+        self.n_shards, self.shard = dist.get_world_size(group), dist.get_rank(group)
+        self.d_in = check_int(d_in, "d_in", 1)
+        self.n_latents = check_int(n_latents, "n_latents", self.n_shards)
+        self.k = check_int(k, "k", 1, n_latents)
+        self.lo, self.hi = shard_bounds(n_latents, self.n_shards, self.shard)
+        if self.hi - self.lo < self.k:
+            raise ValueError(f"each shard must hold at least k={k} latents; {n_latents} over {self.n_shards} "
+                             f"shards gives {self.hi - self.lo}")
+        for p in penalties:
+            if not isinstance(p, self.allowed_penalties):
+                raise ValueError(f"ShardedTopKSAE takes OffSupportL1 and L1L2Ratio, not {type(p).__name__}")
+        self.penalties = tuple(penalties)
+        if auxk is not None and not isinstance(auxk, AuxK):
+            raise TypeError(f"auxk must be an AuxK or None, got {type(auxk).__name__}")
+        self.auxk, self.mode, self.recon_loss = auxk, mode, recon_loss
+        self.threshold_momentum = float(threshold_momentum)
+        Fl = self.hi - self.lo
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.zeros(Fl, d_in, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(Fl, **factory))
+        self.W_dec = nn.Parameter(torch.zeros(Fl, d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.register_buffer("tokens_since_fired", torch.zeros(Fl, dtype=torch.int64, device=device))
+        self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float64, device=device))
+
+    # ------------------------------------------------------------------ whole <-> sharded
+    @classmethod
+    def from_full(cls, sae: TopKSAE, group=None) -> "ShardedTopKSAE":
+        """This rank's shard of ``sae`` (a :class:`TopKSAE` or :class:`BatchTopKSAE` without an input scale)."""
+        if type(sae) not in (TopKSAE, BatchTopKSAE):
+            raise TypeError(f"from_full takes a TopKSAE or BatchTopKSAE, got {type(sae).__name__}")
+        if sae.input_scale is not None:
+            raise ValueError("fold the input scale into the weights first (sparse_sae.saes.folded_state)")
+        kw = {"threshold_momentum": sae.threshold_momentum} if isinstance(sae, BatchTopKSAE) else {}
+        out = cls(sae.d_in, sae.n_latents, sae.k, sae.penalties, mode=sae.mode, auxk=sae.auxk,
+                  recon_loss=sae.recon_loss, group=group, dtype=sae.W_enc.dtype, device=sae.W_enc.device, **kw)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired"):
+                getattr(out, name).copy_(getattr(sae, name)[out.lo:out.hi])
+            out.b_dec.copy_(sae.b_dec)
+            if isinstance(sae, BatchTopKSAE):
+                out.threshold.copy_(sae.threshold)
+        return out.train(sae.training)
+
+    def gather_full(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole-``F`` tensor from each rank's slice (dimension 0) of ``tensor``."""
+        longest = max(shard_bounds(self.n_latents, self.n_shards, r)[1] - shard_bounds(self.n_latents,
+                                                                                        self.n_shards, r)[0]
+                      for r in range(self.n_shards))
+        padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        parts = _all_gather(padded, self.group)
+        return torch.cat([p[:b - a] for p, (a, b) in zip(
+            parts, (shard_bounds(self.n_latents, self.n_shards, r) for r in range(self.n_shards)))])
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The whole SAE's state dict (as :class:`TopKSAE`/:class:`BatchTopKSAE` names it), on every rank."""
+        state = {name: self.gather_full(getattr(self, name).detach())
+                 for name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired")}
+        state["b_dec"] = self.b_dec.detach().clone()
+        if self.mode == "batchtopk":
+            state["threshold"] = self.threshold.clone()
+        return state
+
+    def to_full(self) -> TopKSAE:
+        """The whole SAE (a :class:`TopKSAE` or :class:`BatchTopKSAE`) on every rank, e.g. to save
+        it with :func:`sparse_sae.save`: ``if rank == 0: sharded.to_full().save(path)``."""
+        cls = TopKSAE if self.mode == "topk" else BatchTopKSAE
+        kw = {"threshold_momentum": self.threshold_momentum} if self.mode == "batchtopk" else {}
+        sae = cls(self.d_in, self.n_latents, self.k, self.penalties, auxk=self.auxk, recon_loss=self.recon_loss,
+                  dtype=self.W_enc.dtype, device=self.W_enc.device, **kw)
+        sae.load_state_dict(self.full_state_dict())
+        return sae.train(self.training)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
+        """As :meth:`sparse_sae.SparseAutoencoder.remove_parallel_grad_`, on this rank's rows."""
+        g, w = self.W_dec.grad, self.W_dec
+        if g is not None:
+            g.sub_((g * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True).clamp_min(eps) * w)
+
+    # ------------------------------------------------------------------ forward
+    def _sum(self, t):
+        return _SumOverShards.apply(t, self.group)
+
+    def _global_topk(self, values, local_indices, n: int):
+        """Per row, the ``n`` best of every rank's candidates (values, global indices)."""
+        v = torch.cat(_all_gather(values.detach(), self.group), 1)
+        i = torch.cat(_all_gather(local_indices + self.lo, self.group), 1)
+        return _top_by_value_then_index(v, i, n)
+
+    def _mine(self, h, indices):
+        """This rank's entries of a global code: local indices (0 where not mine) and the mask."""
+        mine = (indices >= self.lo) & (indices < self.hi)
+        return torch.where(mine, indices - self.lo, torch.zeros_like(indices)), mine
+
+    def _batch_select(self, h):
+        """BatchTopK's global selection as a ``B x F/P`` mask of this rank's selected entries, and
+        the smallest selected value (for the threshold)."""
+        B, Fl = h.shape
+        n = B * self.k
+        flat = h.detach().reshape(-1)
+        tau = torch.topk(flat, n).values[-1]           # local candidates: the reference's rule
+        above, tied = flat > tau, flat == tau
+        local = (above | (tied & (tied.cumsum(0) <= n - above.sum()))).nonzero().squeeze(1)
+        rows, cols = local // Fl, local % Fl
+        keys = rows * self.n_latents + self.lo + cols   # global flat index
+        v, key = self._global_topk_flat(flat[local], keys, n)
+        col = key % self.n_latents
+        mine = (col >= self.lo) & (col < self.hi)
+        mask = torch.zeros(B * Fl, dtype=torch.bool, device=h.device)
+        mask[(key // self.n_latents)[mine] * Fl + (col[mine] - self.lo)] = True
+        return mask.view(B, Fl), v[v > 0].min() if bool((v > 0).any()) else None
+
+    def _global_topk_flat(self, values, keys, n: int):
+        v = torch.cat(_all_gather(values, self.group))
+        kk = torch.cat(_all_gather(keys, self.group))
+        return _top_by_value_then_index(v, kk, n)
+
+    def forward(self, x) -> SAEOutput:
+        check_activations(x, self.d_in, self.W_enc)
+        B, Fl = x.shape[0], self.hi - self.lo
+        xc = _SumGradsOverShards.apply(x - self.b_dec, self.group)     # each rank's encoder adds to dL/dx
+        h = torch.relu(xc @ self.W_enc.T + self.b_enc)                    # B x F/P
+        use_threshold = self.mode == "batchtopk" and not self.training and float(self.threshold) >= 0
+        if self.mode == "topk":
+            sel = ops.select(h.detach(), self.k, "topk", norms=False)
+            _, g_idx = self._global_topk(sel.values, sel.indices, self.k)
+            loc, mine = self._mine(h, g_idx)
+            values = h.gather(1, loc) * mine
+            indices = loc
+            global_indices = g_idx
+            selected_min = None
+        else:
+            if use_threshold:
+                mask = h.detach() > self.threshold.to(h.dtype)
+                selected_min = None
+            else:
+                mask, selected_min = self._batch_select(h)
+            packed = ops.select((h.detach() * mask), mode="threshold", threshold=h.new_zeros(Fl), norms=False)
+            indices = packed.indices
+            values = h.gather(1, indices) * (packed.values > 0)
+            global_indices = indices + self.lo
+        recon = self._sum(ops.sparse_decode(values, indices, self.W_dec, torch.zeros_like(self.b_dec))) + self.b_dec
+        losses = {"recon": (reference.fvu_ref if self.recon_loss == "fvu" else reference.mse_ref)(x, recon)}
+        fired = reference.fired_counts_ref(values.detach(), indices, Fl)
+        if self.penalties:
+            active = fired > 0                                             # A on this slice
+            hA = h.to(reference.acc_dtype(h.dtype)) * active
+            n1 = self._sum(hA.sum(1))
+            sq = self._sum(hA.square().sum(1))
+            n2 = torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0)
+            picked = self._sum(values.to(n1.dtype).sum(1, keepdim=True))
+            ratio = next((p for p in self.penalties if isinstance(p, L1L2Ratio)), None)
+            r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, picked, ratio.eps if ratio else
+                                                                 reference.RATIO_EPS)
+            terms = {OffSupportL1.name: r_off, L1L2Ratio.name: r_ratio}
+            losses.update({p.name: terms[p.name] for p in self.penalties})
+        if self.auxk is not None and self.training:
+            losses["auxk"] = self._auxk_loss(x, recon, h)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + B))
+                if selected_min is not None:
+                    self._update_threshold(selected_min)
+        out = SAEOutput(recon, None, losses, fired, self.n_latents, values=values, indices=global_indices)
+        out.loss = self.loss(out)
+        return out
+
+    def _auxk_loss(self, x, recon, h):
+        dead = self.tokens_since_fired >= self.auxk.dead_after_tokens
+        k_aux = min(self.auxk.k_aux or max(self.d_in // 2, 1), self.n_latents)
+        # the candidates as reference.auxk_select_ref picks them (h >= 0: live latents sort last)
+        masked = torch.where(dead, h.detach(), torch.full_like(h, -1.0))
+        lv, li = reference.topk_select_ref(masked, min(k_aux, h.shape[1]))
+        _, g_idx = self._global_topk(lv, li, k_aux)
+        loc, mine = self._mine(h, g_idx)
+        aux_values = h.gather(1, loc) * (mine & dead[loc])
+        e_hat = self._sum(ops.sparse_decode(aux_values, loc, self.W_dec, torch.zeros_like(self.b_dec)))
+        any_dead = dead.any().to(torch.int32)
+        dist.all_reduce(any_dead, op=dist.ReduceOp.MAX, group=self.group)
+        return reference.auxk_loss_from_residual((x - recon).detach(), e_hat, any_dead.bool())
+
+    @torch.no_grad()
+    def _update_threshold(self, smallest) -> None:
+        m = self.threshold_momentum
+        pos = smallest.to(torch.float64)
+        self.threshold.copy_(torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos))
+
+    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0):
+        """As :meth:`sparse_sae.SparseAutoencoder.loss`."""
+        loss = out.losses["recon"] * recon_scale
+        for p in self.penalties:
+            loss = loss + (penalty_scale * p.coef) * out.losses[p.name]
+        if "auxk" in out.losses:
+            loss = loss + self.auxk.coef * out.losses["auxk"]
+        return loss
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-12) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, mode={self.mode}, "
+                f"shard {self.shard}/{self.n_shards}: latents [{self.lo}, {self.hi})")

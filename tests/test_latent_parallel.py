@@ -1,0 +1,116 @@
+"""Latent parallelism (sparse_sae.saes.sharded) against one process: P gloo processes on the CPU
+each hold a slice of the latents; the selected indices must equal one process's, the losses and
+every gradient (the whole-F gradients gathered from the slices, and dL/dx) must agree to 1e-12
+relative in float64 and to float32 rounding in float32. Shapes whose F is not a multiple of P."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparse_sae as S
+from sparse_sae.saes.sharded import ShardedTopKSAE, shard_bounds
+
+D, F, K, B = 13, 103, 5, 37
+
+
+def _whole(case: str, dtype):
+    g = torch.Generator().manual_seed(7)
+    pens = [S.OffSupportL1(0.2), S.L1L2Ratio(0.05)]
+    if case == "topk":
+        sae = S.TopKSAE(D, F, K, pens, auxk=S.AuxK(0.5, k_aux=7, dead_after_tokens=40), dtype=dtype)
+    else:
+        sae = S.BatchTopKSAE(D, F, K, pens[:1], dtype=dtype)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.4)
+        sae.tokens_since_fired.copy_(torch.randint(0, 80, (F,), generator=g))   # some latents dead
+    x = torch.randn(B, D, generator=g, dtype=dtype)
+    return sae, x
+
+
+def _grads(module, x, full=None):
+    xr = x.clone().requires_grad_()
+    out = module(xr)
+    out.loss.backward()
+    grads = {n: (full(p.grad) if full and n != "b_dec" else p.grad) for n, p in module.named_parameters()}
+    return out, grads, xr.grad
+
+
+CASES = [("topk", "float64"), ("batchtopk", "float64"), ("topk", "float32")]
+
+
+def _worker(rank, world, path):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for case, dtype_name in CASES:      # one process group for every case: spawning costs seconds
+            _check(rank, world, case, getattr(torch, dtype_name))
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(rank, world, case, dtype):
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    whole, x = _whole(case, dtype)
+    sharded = ShardedTopKSAE.from_full(whole, group=None)
+    assert (sharded.lo, sharded.hi) == shard_bounds(F, world, rank)
+    want, want_g, want_dx = _grads(whole, x)
+    got, got_g, got_dx = _grads(sharded, x, sharded.gather_full)
+    if case == "topk":
+        assert torch.equal(got.indices, want.indices)
+    else:   # the global selection as (row, latent) pairs
+        mine = {(i, int(j)) for i in range(B) for j, v in zip(got.indices[i], got.values[i]) if v > 0}
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        want_set = {(i, int(j)) for i in range(B) for j, v in zip(want.indices[i], want.values[i]) if v > 0}
+        assert set().union(*parts) == want_set
+        assert torch.equal(sharded.threshold, whole.threshold)
+    assert set(got.losses) == set(want.losses)
+    for name in want.losses:
+        torch.testing.assert_close(got.losses[name], want.losses[name], **tol, msg=name)
+    torch.testing.assert_close(got.loss, want.loss, **tol)
+    torch.testing.assert_close(got.recon, want.recon, **tol)
+    for name, g in want_g.items():
+        torch.testing.assert_close(got_g[name], g, **tol, msg=name)
+    torch.testing.assert_close(got_dx, want_dx, **tol)
+    state = sharded.full_state_dict()
+    for name, t in whole.state_dict().items():
+        assert torch.equal(state[name], t), name           # firing counters updated alike
+    back = sharded.to_full()
+    assert type(back) is type(whole) and back.config() == whole.config()
+    # one optimizer step on each side: the decoder constraint and Adam on the slices
+    for module in (whole, sharded):
+        module.remove_parallel_grad_()
+        torch.optim.Adam(module.parameters(), lr=1e-2).step()
+        module.normalize_decoder_()
+    stepped = sharded.full_state_dict()
+    for name, t in whole.state_dict().items():
+        torch.testing.assert_close(stepped[name], t, **tol, msg=f"{name} after a step")
+    if case == "batchtopk":                                  # eval: the learned threshold
+        whole.eval()
+        sharded.eval()
+        torch.testing.assert_close(sharded(x).loss, whole(x).loss, **tol)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_latent_parallel_equals_one_process(world):
+    """Top-k with both paper penalties and AuxK (live: some latents dead), BatchTopK in training
+    (its threshold estimate too) and in eval, float64 and float32."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store")), nprocs=world, join=True)
+
+
+def test_shard_bounds_cover_the_latents():
+    for n, p in [(103, 4), (8, 8), (10, 3)]:
+        bounds = [shard_bounds(n, p, r) for r in range(p)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        ShardedTopKSAE(D, F, K)
