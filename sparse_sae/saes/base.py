@@ -84,7 +84,52 @@ class SAEOutput:
         return f"SAEOutput(loss={float(self.loss.detach()):.4g} [{terms}], recon shape {tuple(self.recon.shape)})"
 
 
-class SparseAutoencoder(nn.Module):
+class TrainableSAE:
+    """What a training loop calls on an SAE module, whole (:class:`SparseAutoencoder`) or sharded
+    (:class:`~sparse_sae.saes.sharded.ShardedTopKSAE`): the loss weighting and the decoder
+    constraint. Needs ``penalties``, ``auxk`` (None unless AuxK runs) and ``W_dec``."""
+
+    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0) -> torch.Tensor:
+        """The training loss of ``out``: ``recon_scale * (recon + sum_t w_t * recon_t)`` over the
+        architecture's further reconstruction terms (:meth:`recon_terms`: Matryoshka's prefixes,
+        the Gated SAE's auxiliary reconstruction), ``+ penalty_scale * sum_p coef_p * term_p``
+        over the penalties, ``+ coef * auxk`` when AuxK ran. ``forward`` sets ``out.loss`` with
+        the defaults; the trainer calls it with its warm-up ``penalty_scale`` (and, with data
+        parallelism, the ``recon_scale`` that makes the local FVU's gradient the global batch's)."""
+        losses = out.losses
+        loss = losses["recon"] * recon_scale
+        for name, weight in self.recon_terms().items():
+            loss = loss + (weight * recon_scale) * losses[name]
+        for p in self.penalties:
+            loss = loss + (penalty_scale * p.coef) * losses[p.name]
+        if "auxk" in losses:
+            loss = loss + self.auxk.coef * losses["auxk"]
+        return loss
+
+    def recon_terms(self) -> dict:
+        """``{name: weight}`` of the reconstruction terms beyond ``recon`` (each measured like
+        ``recon``, against the input's batch variance for FVU); none for most architectures."""
+        return {}
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-12) -> None:
+        """Scales every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
+        """Removes from ``W_dec.grad`` each row's component parallel to the row, so that a step
+        keeps the rows near unit norm (call before the optimizer step, then normalize)."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec
+        coef = (g * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True).clamp_min(eps)
+        g.sub_(coef * w)
+
+
+
+class SparseAutoencoder(TrainableSAE, nn.Module):
     """Base of every SAE: parameters, input checks, the loss, decoder constraint, save and load."""
 
     allowed_penalties: tuple = (DecoderNormL1,)
@@ -178,28 +223,6 @@ class SparseAutoencoder(nn.Module):
                              "one row is 0); use recon_loss='mse' for single rows")
         return reference.fvu_ref(xs, recon) if self.recon_loss == "fvu" else reference.mse_ref(xs, recon)
 
-    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0) -> torch.Tensor:
-        """The training loss of ``out``: ``recon_scale * (recon + sum_t w_t * recon_t)`` over the
-        architecture's further reconstruction terms (:meth:`recon_terms`: Matryoshka's prefixes,
-        the Gated SAE's auxiliary reconstruction), ``+ penalty_scale * sum_p coef_p * term_p``
-        over the penalties, ``+ coef * auxk`` when AuxK ran. ``forward`` sets ``out.loss`` with
-        the defaults; the trainer calls it with its warm-up ``penalty_scale`` (and, with data
-        parallelism, the ``recon_scale`` that makes the local FVU's gradient the global batch's)."""
-        losses = out.losses
-        loss = losses["recon"] * recon_scale
-        for name, weight in self.recon_terms().items():
-            loss = loss + (weight * recon_scale) * losses[name]
-        for p in self.penalties:
-            loss = loss + (penalty_scale * p.coef) * losses[p.name]
-        if "auxk" in losses:
-            loss = loss + self.auxk.coef * losses["auxk"]
-        return loss
-
-    def recon_terms(self) -> dict:
-        """``{name: weight}`` of the reconstruction terms beyond ``recon`` (each measured like
-        ``recon``, against the input's batch variance for FVU); none for most architectures."""
-        return {}
-
     def _output(self, recon, losses, fired, **code) -> SAEOutput:
         """The :class:`SAEOutput` of a forward, its ``loss`` weighted by :meth:`loss`."""
         out = SAEOutput(self._unscale(recon), None, losses, fired, self.n_latents, **code)
@@ -238,22 +261,6 @@ class SparseAutoencoder(nn.Module):
     def dense_code(self, values, indices):
         """The ``B x F`` code with ``values`` at ``indices``."""
         return reference.dense_code_ref(values, indices, self.n_latents)
-
-    @torch.no_grad()
-    def normalize_decoder_(self, eps: float = 1e-12) -> None:
-        """Scales every decoder row to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
-        """Removes from ``W_dec.grad`` each row's component parallel to the row, so that a step
-        keeps the rows near unit norm (call before the optimizer step, then normalize)."""
-        g = self.W_dec.grad
-        if g is None:
-            return
-        w = self.W_dec
-        coef = (g * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True).clamp_min(eps)
-        g.sub_(coef * w)
 
     @torch.no_grad()
     def init_b_dec_(self, x, max_rows: int = 32768) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from sparse_sae import ops, reference
 from sparse_sae._checks import check_activations, check_int
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
-from sparse_sae.saes.base import RECON_LOSSES, SAEOutput
+from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE
 from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
 
 MODES = ("topk", "batchtopk")
@@ -95,7 +95,7 @@ def _top_by_value_then_index(values, keys, n: int):
     return v.gather(-1, order), by_key.values.gather(-1, order)
 
 
-class ShardedTopKSAE(nn.Module):
+class ShardedTopKSAE(TrainableSAE, nn.Module):
     """A Top-k (``mode="topk"``) or BatchTopK SAE with its latents split over ``group``; see the
     module docstring. Takes ``OffSupportL1``, ``L1L2Ratio`` and ``auxk=AuxK(...)``. Build it from
     a whole SAE with :meth:`from_full`; :meth:`full_state_dict` gathers the whole SAE back."""
@@ -159,14 +159,10 @@ class ShardedTopKSAE(nn.Module):
 
     def gather_full(self, tensor: torch.Tensor) -> torch.Tensor:
         """The whole-``F`` tensor from each rank's slice (dimension 0) of ``tensor``."""
-        longest = max(shard_bounds(self.n_latents, self.n_shards, r)[1] - shard_bounds(self.n_latents,
-                                                                                        self.n_shards, r)[0]
-                      for r in range(self.n_shards))
-        padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+        sizes = [b - a for a, b in (shard_bounds(self.n_latents, self.n_shards, r) for r in range(self.n_shards))]
+        padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))    # all_gather wants equal sizes
         padded[:tensor.shape[0]] = tensor
-        parts = _all_gather(padded, self.group)
-        return torch.cat([p[:b - a] for p, (a, b) in zip(
-            parts, (shard_bounds(self.n_latents, self.n_shards, r) for r in range(self.n_shards)))])
+        return torch.cat([part[:n] for part, n in zip(_all_gather(padded, self.group), sizes)])
 
     @torch.no_grad()
     def full_state_dict(self) -> dict:
@@ -188,13 +184,6 @@ class ShardedTopKSAE(nn.Module):
         sae.load_state_dict(self.full_state_dict())
         return sae.train(self.training)
 
-    @torch.no_grad()
-    def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
-        """As :meth:`sparse_sae.SparseAutoencoder.remove_parallel_grad_`, on this rank's rows."""
-        g, w = self.W_dec.grad, self.W_dec
-        if g is not None:
-            g.sub_((g * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True).clamp_min(eps) * w)
-
     # ------------------------------------------------------------------ forward
     def _sum(self, t):
         return _SumOverShards.apply(t, self.group)
@@ -205,7 +194,7 @@ class ShardedTopKSAE(nn.Module):
         i = torch.cat(_all_gather(local_indices + self.lo, self.group), 1)
         return _top_by_value_then_index(v, i, n)
 
-    def _mine(self, h, indices):
+    def _mine(self, indices):
         """This rank's entries of a global code: local indices (0 where not mine) and the mask."""
         mine = (indices >= self.lo) & (indices < self.hi)
         return torch.where(mine, indices - self.lo, torch.zeros_like(indices)), mine
@@ -242,7 +231,7 @@ class ShardedTopKSAE(nn.Module):
         if self.mode == "topk":
             sel = ops.select(h.detach(), self.k, "topk", norms=False)
             _, g_idx = self._global_topk(sel.values, sel.indices, self.k)
-            loc, mine = self._mine(h, g_idx)
+            loc, mine = self._mine(g_idx)
             values = h.gather(1, loc) * mine
             indices = loc
             global_indices = g_idx
@@ -290,7 +279,7 @@ class ShardedTopKSAE(nn.Module):
         masked = torch.where(dead, h.detach(), torch.full_like(h, -1.0))
         lv, li = reference.topk_select_ref(masked, min(k_aux, h.shape[1]))
         _, g_idx = self._global_topk(lv, li, k_aux)
-        loc, mine = self._mine(h, g_idx)
+        loc, mine = self._mine(g_idx)
         aux_values = h.gather(1, loc) * (mine & dead[loc])
         e_hat = self._sum(ops.sparse_decode(aux_values, loc, self.W_dec, torch.zeros_like(self.b_dec)))
         any_dead = dead.any().to(torch.int32)
@@ -302,19 +291,6 @@ class ShardedTopKSAE(nn.Module):
         m = self.threshold_momentum
         pos = smallest.to(torch.float64)
         self.threshold.copy_(torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos))
-
-    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0):
-        """As :meth:`sparse_sae.SparseAutoencoder.loss`."""
-        loss = out.losses["recon"] * recon_scale
-        for p in self.penalties:
-            loss = loss + (penalty_scale * p.coef) * out.losses[p.name]
-        if "auxk" in out.losses:
-            loss = loss + self.auxk.coef * out.losses["auxk"]
-        return loss
-
-    @torch.no_grad()
-    def normalize_decoder_(self, eps: float = 1e-12) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, mode={self.mode}, "
