@@ -121,3 +121,11 @@ def test_cpu_step_rows_include_bf16_autocast(tmp_path):
     rows = json.loads((tmp_path / "cpu_step.json").read_text())["rows"]
     assert rows and all(r["ours_regularized_bf16"]["median_ms"] > 0 for r in rows)
     assert "bf16 autocast" in (tmp_path / "cpu_step.md").read_text()
+
+
+def test_latent_parallel_model():
+    import latent_parallel as lp
+    assert lp.comm_bytes_per_rank(4096, 4096, 32, 1) == 0
+    assert lp.largest_f(4096, 4096, 8) > 7 * lp.largest_f(4096, 4096, 1)
+    assert lp.per_rank_memory_gb(4096, 1 << 20, 4096, 8) < lp.per_rank_memory_gb(4096, 1 << 20, 4096, 2)
+    assert "largest F" in lp.model_table()
