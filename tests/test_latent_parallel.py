@@ -114,3 +114,68 @@ def test_shard_bounds_cover_the_latents():
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         ShardedTopKSAE(D, F, K)
+
+
+# ---------------------------------------------------------------------------------------- the trainer
+def _train_cfg(out_dir, **kw):
+    from sparse_sae.training import TrainConfig
+    base = dict(steps=4, batch_size=48, n_latents=F, k=K, warmup_steps=1, checkpoint_every=2, log_every=1,
+                out_dir=str(out_dir), progress=False, off_support_l1=0.1, l1_l2_ratio=0.02, auxk=0.1,
+                dead_after_tokens=60, dtype="float64", lr=1e-2, seed=3, memory_budget_mb=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _data():
+    return torch.randn(400, D, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+
+def _train_worker(rank, world, path, cfg, resume, result):
+    from sparse_sae.training import Trainer
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(cfg, _data(), resume=resume)
+        trainer.fit()
+        state = trainer.whole_sae().state_dict()
+        if rank == 0:
+            torch.save({k: v.clone() for k, v in state.items()}, result)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world, cfg, resume=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "state.pt")
+        mp.spawn(_train_worker, args=(world, os.path.join(tmp, "store"), cfg, resume, result), nprocs=world)
+        return torch.load(result)
+
+
+def _assert_same_state(got, want):
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_trainer_latent_parallel_equals_one_process_and_reshards_on_resume(tmp_path, arch):
+    """4 steps with 4 latent shards equal 4 steps in one process (input scale, b_dec init, penalty
+    and learning-rate schedules, AuxK, gradient clipping); a run checkpointed at step 2 by 4 shards
+    resumes with 2 shards to the same weights, and the final SAE and checkpoints are whole SAEs."""
+    from sparse_sae.training import Trainer
+    one = Trainer(_train_cfg(tmp_path / "one", architecture=arch), _data())
+    one.fit()
+    want = one.sae.state_dict()
+    _assert_same_state(_run(4, _train_cfg(tmp_path / "p4", architecture=arch, latent_parallel=4)), want)
+    _run(4, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=4, steps=2))
+    got = _run(2, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=2), resume=str(tmp_path / "r"))
+    _assert_same_state(got, want)
+    final = S.load(tmp_path / "r" / "final")
+    assert type(final) is type(one.sae) and final.n_latents == F
+
+
+def test_trainer_data_by_latent_mesh_equals_data_parallel(tmp_path):
+    """2 data replicas x 2 latent shards (4 processes) equal 2 data-parallel processes."""
+    dp = _run(2, _train_cfg(tmp_path / "dp", steps=3))
+    mesh = _run(4, _train_cfg(tmp_path / "mesh", steps=3, latent_parallel=2))
+    _assert_same_state(mesh, dp)

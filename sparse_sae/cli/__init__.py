@@ -85,7 +85,7 @@ def _add_train_parser(sub) -> None:
                    help="continue the run in RUN_DIR (or a checkpoint directory) from its last checkpoint; its "
                         "saved settings are used (or --config's, which must agree), and flags may change only "
                         "steps, data location, device and output/logging options")
-    groups = {"data": "data", "architecture": "model", "steps": "optimisation", "device": "device",
+    groups = {"data": "data", "architecture": "model", "steps": "optimisation", "latent_parallel": "device",
               "out_dir": "output"}
     group = p
     for name, default in FIELD_DEFAULTS.items():

@@ -116,6 +116,10 @@ class TrainableSAE:
         """Scales every decoder row to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scales the gradients so that their global norm is at most ``max_norm``; returns the norm."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
     @torch.no_grad()
     def remove_parallel_grad_(self, eps: float = 1e-12) -> None:
         """Removes from ``W_dec.grad`` each row's component parallel to the row, so that a step

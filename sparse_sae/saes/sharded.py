@@ -23,6 +23,9 @@ The result equals one process on the same batch and weights: the same selected i
 losses and every gradient to float rounding (``tests/test_latent_parallel.py``: 1e-12 relative
 in float64 for P = 2 and 4). Penalty gradients on a slice run by autograd through the slice's
 ``B x F/P`` pre-activations (not yet through the fused ``topk_code`` node).
+
+The trainer builds one per process with ``latent_parallel`` (``--latent-parallel``) on the
+``data x latent`` mesh of :mod:`sparse_sae.training.distributed`.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_sae import ops, reference
-from sparse_sae._checks import check_activations, check_int
+from sparse_sae._checks import check_activations, check_int, check_real
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
 from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE
 from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
@@ -95,6 +98,16 @@ def _top_by_value_then_index(values, keys, n: int):
     return v.gather(-1, order), by_key.values.gather(-1, order)
 
 
+class _ShardedOutput(SAEOutput):
+    """``values``/``indices``: this rank's share of the code (global latent indices); ``l0()``
+    counts the whole code's entries; ``fired`` is this rank's slice."""
+
+    global_l0: torch.Tensor
+
+    def l0(self) -> torch.Tensor:
+        return self.global_l0
+
+
 class ShardedTopKSAE(TrainableSAE, nn.Module):
     """A Top-k (``mode="topk"``) or BatchTopK SAE with its latents split over ``group``; see the
     module docstring. Takes ``OffSupportL1``, ``L1L2Ratio`` and ``auxk=AuxK(...)``. Build it from
@@ -104,7 +117,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
 
     def __init__(self, d_in: int, n_latents: int, k: int, penalties: Sequence[Penalty] = (), *, mode: str = "topk",
                  auxk: AuxK | None = None, recon_loss: str = "fvu", threshold_momentum: float = 0.01, group=None,
-                 dtype=None, device=None):
+                 input_scale: float | None = None, dtype=None, device=None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ShardedTopKSAE needs an initialised torch.distributed process group")
@@ -129,6 +142,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             raise TypeError(f"auxk must be an AuxK or None, got {type(auxk).__name__}")
         self.auxk, self.mode, self.recon_loss = auxk, mode, recon_loss
         self.threshold_momentum = float(threshold_momentum)
+        self.input_scale = None if input_scale is None else check_real(input_scale, "input_scale", positive=True)
+        self.check_finite = True
         Fl = self.hi - self.lo
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.zeros(Fl, d_in, **factory))
@@ -141,14 +156,13 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
     # ------------------------------------------------------------------ whole <-> sharded
     @classmethod
     def from_full(cls, sae: TopKSAE, group=None) -> "ShardedTopKSAE":
-        """This rank's shard of ``sae`` (a :class:`TopKSAE` or :class:`BatchTopKSAE` without an input scale)."""
+        """This rank's shard of ``sae`` (a :class:`TopKSAE` or :class:`BatchTopKSAE`)."""
         if type(sae) not in (TopKSAE, BatchTopKSAE):
             raise TypeError(f"from_full takes a TopKSAE or BatchTopKSAE, got {type(sae).__name__}")
-        if sae.input_scale is not None:
-            raise ValueError("fold the input scale into the weights first (sparse_sae.saes.folded_state)")
         kw = {"threshold_momentum": sae.threshold_momentum} if isinstance(sae, BatchTopKSAE) else {}
         out = cls(sae.d_in, sae.n_latents, sae.k, sae.penalties, mode=sae.mode, auxk=sae.auxk,
-                  recon_loss=sae.recon_loss, group=group, dtype=sae.W_enc.dtype, device=sae.W_enc.device, **kw)
+                  recon_loss=sae.recon_loss, group=group, input_scale=sae.input_scale, dtype=sae.W_enc.dtype,
+                  device=sae.W_enc.device, **kw)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired"):
                 getattr(out, name).copy_(getattr(sae, name)[out.lo:out.hi])
@@ -180,9 +194,27 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         cls = TopKSAE if self.mode == "topk" else BatchTopKSAE
         kw = {"threshold_momentum": self.threshold_momentum} if self.mode == "batchtopk" else {}
         sae = cls(self.d_in, self.n_latents, self.k, self.penalties, auxk=self.auxk, recon_loss=self.recon_loss,
-                  dtype=self.W_enc.dtype, device=self.W_enc.device, **kw)
+                  input_scale=self.input_scale, dtype=self.W_enc.dtype, device=self.W_enc.device, **kw)
         sae.load_state_dict(self.full_state_dict())
         return sae.train(self.training)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """As ``torch.nn.utils.clip_grad_norm_`` over the whole SAE's gradients: the squared norms
+        of the slices summed over the group, ``b_dec`` (replicated) counted once."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.b_dec.device)
+        for name, p in self.named_parameters():
+            if p.grad is not None and name != "b_dec":
+                sq += p.grad.double().square().sum()
+        dist.all_reduce(sq, group=self.group)
+        if self.b_dec.grad is not None:
+            sq += self.b_dec.grad.double().square().sum()
+        total = sq.sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        return total
 
     # ------------------------------------------------------------------ forward
     def _sum(self, t):
@@ -222,20 +254,26 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         kk = torch.cat(_all_gather(keys, self.group))
         return _top_by_value_then_index(v, kk, n)
 
+    def dead_mask(self, after_tokens: int) -> torch.Tensor:
+        """The whole-``F`` mask of latents silent for ``after_tokens`` rows (a collective)."""
+        return self.gather_full(self.tokens_since_fired) >= after_tokens
+
     def forward(self, x) -> SAEOutput:
-        check_activations(x, self.d_in, self.W_enc)
+        check_activations(x, self.d_in, self.W_enc, check_finite=self.check_finite)
+        x = x * self.input_scale if self.input_scale is not None else x
         B, Fl = x.shape[0], self.hi - self.lo
         xc = _SumGradsOverShards.apply(x - self.b_dec, self.group)     # each rank's encoder adds to dL/dx
         h = torch.relu(xc @ self.W_enc.T + self.b_enc)                    # B x F/P
         use_threshold = self.mode == "batchtopk" and not self.training and float(self.threshold) >= 0
         if self.mode == "topk":
             sel = ops.select(h.detach(), self.k, "topk", norms=False)
-            _, g_idx = self._global_topk(sel.values, sel.indices, self.k)
+            g_values, g_idx = self._global_topk(sel.values, sel.indices, self.k)
             loc, mine = self._mine(g_idx)
             values = h.gather(1, loc) * mine
             indices = loc
             global_indices = g_idx
             selected_min = None
+            l0 = (g_values > 0).sum(1).float().mean()
         else:
             if use_threshold:
                 mask = h.detach() > self.threshold.to(h.dtype)
@@ -246,6 +284,9 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             indices = packed.indices
             values = h.gather(1, indices) * (packed.values > 0)
             global_indices = indices + self.lo
+            n_selected = (values.detach() > 0).sum().reshape(1)
+            dist.all_reduce(n_selected, group=self.group)
+            l0 = n_selected[0].float() / B
         recon = self._sum(ops.sparse_decode(values, indices, self.W_dec, torch.zeros_like(self.b_dec))) + self.b_dec
         losses = {"recon": (reference.fvu_ref if self.recon_loss == "fvu" else reference.mse_ref)(x, recon)}
         fired = reference.fired_counts_ref(values.detach(), indices, Fl)
@@ -268,7 +309,9 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
                 self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + B))
                 if selected_min is not None:
                     self._update_threshold(selected_min)
-        out = SAEOutput(recon, None, losses, fired, self.n_latents, values=values, indices=global_indices)
+        out = _ShardedOutput(recon / self.input_scale if self.input_scale is not None else recon, None, losses,
+                             fired, self.n_latents, values=values, indices=global_indices)
+        out.global_l0 = l0
         out.loss = self.loss(out)
         return out
 

@@ -19,7 +19,7 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 # Fields that may change between a checkpoint and its resumption; every other field must match.
 RUN_FIELDS = frozenset({"steps", "out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                        "tensorboard", "data", "device", "skip_nonfinite"})
+                        "tensorboard", "data", "device", "skip_nonfinite", "latent_parallel"})
 
 
 def option(default, help: str):
@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables")
     seed: int = option(0, "seed of the initialisation and of the data order")
     # --- device
+    latent_parallel: int = option(1, "latent shards: each group of this many processes (torchrun) splits one SAE's latents, each process holding n_latents / P of them (topk, batchtopk); the number of processes must be a multiple (data x latent)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = option("float32", "parameter dtype")
     autocast: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
@@ -125,6 +126,13 @@ class TrainConfig:
             raise ValueError("matryoshka_sizes is needed by, and applies only to, architecture 'matryoshka'")
         if self.l0 and self.architecture != "jumprelu":
             raise ValueError(f"l0 applies to jumprelu only, not {self.architecture}")
+        if isinstance(self.latent_parallel, bool) or not isinstance(self.latent_parallel, int) \
+                or self.latent_parallel < 1:
+            raise ValueError(f"latent_parallel must be a positive int, got {self.latent_parallel!r}")
+        if self.latent_parallel > 1 and self.architecture not in ("topk", "batchtopk"):
+            raise ValueError(f"latent_parallel applies to topk and batchtopk, not {self.architecture}")
+        if self.latent_parallel > 1 and self.max_k_per_row is not None:
+            raise ValueError("latent_parallel does not take max_k_per_row yet")
         if self.max_k_per_row is not None and self.architecture != "batchtopk":
             raise ValueError(f"max_k_per_row applies to batchtopk only, not {self.architecture}")
 

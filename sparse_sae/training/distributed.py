@@ -1,8 +1,12 @@
-"""Data-parallel training through ``torch.distributed`` (launched with ``torchrun``).
+"""Data- and latent-parallel training through ``torch.distributed`` (launched with ``torchrun``).
 
-Each process holds a full copy of the SAE and takes its slice of every global batch. After the
-backward pass :func:`all_reduce_gradients` averages the gradients (one flat all-reduce), so every
-process takes the same optimizer step. NCCL on GPUs, gloo on CPUs.
+The processes form a ``data x latent`` mesh (rank ``= d * latent_size + l``). Without latent
+parallelism (``latent_size = 1``) each process holds a full copy of the SAE; with it, the
+``latent_size`` processes of a data replica share one SAE, each holding a slice of its latents
+(:class:`sparse_sae.saes.sharded.ShardedTopKSAE`), and see the same rows. Each data replica
+takes its slice of every global batch; after the backward pass :func:`all_reduce_gradients`
+averages the gradients over the data replicas (one flat all-reduce), so every replica takes the
+same optimizer step. NCCL on GPUs, gloo on CPUs.
 
 For the result to equal one process on the global batch, per-batch normalisers must be global:
 :func:`global_variance` gives the FVU denominator of the whole batch, and firing counts are summed
@@ -24,6 +28,9 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    latent_size: int = 1
+    data_group: object = None      # the processes holding the same latents (None: every process)
+    latent_group: object = None    # the processes of this data replica (None: this process alone)
 
     @property
     def enabled(self) -> bool:
@@ -33,12 +40,40 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.latent_size
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.latent_size
+
+
+def _mesh(ctx: Context, latent_size: int) -> Context:
+    """``ctx`` with its ``data x latent`` process groups; every process creates every group, in
+    the same order, as torch.distributed requires."""
+    if latent_size == 1:
+        return ctx
+    if ctx.world_size % latent_size:
+        raise ValueError(f"latent_parallel={latent_size} must divide the number of processes {ctx.world_size}")
+    data_size = ctx.world_size // latent_size
+    data_group = latent_group = None
+    for d in range(data_size):
+        group = dist.new_group([d * latent_size + l for l in range(latent_size)])
+        if d == ctx.rank // latent_size:
+            latent_group = group
+    for l in range(latent_size):
+        group = dist.new_group([d * latent_size + l for d in range(data_size)])
+        if l == ctx.rank % latent_size:
+            data_group = group
+    return Context(ctx.rank, ctx.world_size, ctx.local_rank, latent_size, data_group, latent_group)
+
 
 def launched_with_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init(device: torch.device) -> Context:
+def init(device: torch.device, latent_size: int = 1) -> Context:
     """Makes ``device`` this process's current CUDA device, then joins the process group that
     ``torchrun`` set up (NCCL for CUDA, gloo otherwise); a single process gets a trivial context.
 
@@ -46,13 +81,15 @@ def init(device: torch.device) -> Context:
     are on, so without it every rank would launch its kernels on GPU 0."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if not launched_with_torchrun():
-        return Context()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not (dist.is_available() and dist.is_initialized()):
+        if not launched_with_torchrun():
+            if latent_size > 1:
+                raise ValueError(f"latent_parallel={latent_size} needs {latent_size} processes or a multiple "
+                                 f"(torchrun --nproc-per-node ...)")
+            return Context()
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    ctx = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return _mesh(ctx, latent_size)
 
 
 def device_for(requested: str) -> torch.device:
@@ -70,22 +107,27 @@ def device_for(requested: str) -> torch.device:
     return device
 
 
-def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.enabled:
+def all_reduce_sum(t: torch.Tensor, ctx: Context, over_data: bool = False) -> torch.Tensor:
+    """Sums ``t`` over every process, or with ``over_data`` over the data replicas only (the
+    processes that hold the same latents and see different rows)."""
+    if over_data:
+        if ctx.data_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ctx.data_group)
+    elif ctx.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_gradients(params, ctx: Context) -> None:
-    """Averages the gradients of ``params`` over the processes with one flat all-reduce."""
-    if not ctx.enabled:
+    """Averages the gradients of ``params`` over the data replicas with one flat all-reduce."""
+    if ctx.data_size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= ctx.world_size
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.data_group)
+    flat /= ctx.data_size
     offset = 0
     for g in grads:
         n = g.numel()
@@ -95,13 +137,13 @@ def all_reduce_gradients(params, ctx: Context) -> None:
 
 @torch.no_grad()
 def global_variance(x: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """``sum_i ||x_i - mean(x)||^2`` over the rows of all processes (float64)."""
+    """``sum_i ||x_i - mean(x)||^2`` over the rows of all data replicas (float64)."""
     x = x.to(torch.float64)
     stats = torch.cat([x.sum(0), x.new_tensor([x.shape[0]])])
-    all_reduce_sum(stats, ctx)
+    all_reduce_sum(stats, ctx, over_data=True)
     mean = stats[:-1] / stats[-1]
     var = (x - mean).square().sum().reshape(1)
-    return all_reduce_sum(var, ctx)[0]
+    return all_reduce_sum(var, ctx, over_data=True)[0]
 
 
 def barrier(ctx: Context) -> None:

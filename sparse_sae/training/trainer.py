@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from sparse_sae.saes import BatchTopKSAE
+from sparse_sae.saes import BatchTopKSAE, ShardedTopKSAE
 from sparse_sae.training import distributed
 from sparse_sae.training.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
 from sparse_sae.training.config import TrainConfig
@@ -135,7 +135,7 @@ class Trainer:
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         self.cfg, self.on_step, self.desc = cfg, on_step, desc
         self.device = distributed.device_for(cfg.device)
-        self.ctx = distributed.init(self.device)
+        self.ctx = distributed.init(self.device, cfg.latent_parallel)
         data = data if data is not None else cfg.data
         if data is None:
             raise ValueError("no training data: pass data= or set cfg.data to a path")
@@ -195,14 +195,16 @@ class Trainer:
             self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device)
             if cfg.init_b_dec:
                 self.sae.init_b_dec_(head.to(self.device, self.sae.W_enc.dtype))
+        if self.ctx.latent_size > 1:      # this process's slice of the latents
+            self.sae = ShardedTopKSAE.from_full(self.sae, group=self.ctx.latent_group)
         if self.sae.d_in != self.source.d:
             raise ValueError(f"the activation data has width {self.source.d} but the SAE expects "
                              f"d_in={self.sae.d_in}")
         # batches are read, shuffled, checked and copied to the device ahead of the step
         self.loader = PrefetchingLoader(
             ActivationLoader(self.source, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                             memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.rank,
-                             world_size=self.ctx.world_size, skip_nonfinite=cfg.skip_nonfinite),
+                             memory_budget_mb=cfg.memory_budget_mb, rank=self.ctx.data_rank,
+                             world_size=self.ctx.data_size, skip_nonfinite=cfg.skip_nonfinite),
             self.device, self.sae.W_enc.dtype)
         # fused Adam (CPU and CUDA) takes found_inf: a step with a non-finite loss is skipped on the
         # device, with no host synchronisation; the run stops at the next log step or checkpoint
@@ -215,7 +217,7 @@ class Trainer:
         # check, a host synchronisation per step on a GPU, is not needed here
         self.sae.check_finite = False
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._sharded_optimizer_state(state["optimizer"]))
             self.loader.load_state_dict(state["data"])
             self.step = int(state["step"])
             _set_rng_state(state["rng"], self.device)
@@ -261,25 +263,53 @@ class Trainer:
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume from {resume}: it was trained with another configuration ({lines})")
-        if state.get("world_size", 1) != self.ctx.world_size:
+        if state.get("world_size", 1) != self.ctx.data_size:    # the data replicas (the latent shards may change)
             raise ValueError(f"cannot resume from {resume}: it was written by {state.get('world_size', 1)} "
-                             f"process(es), this run has {self.ctx.world_size}")
+                             f"data-parallel process(es), this run has {self.ctx.data_size}")
         if int(state["step"]) > self.cfg.steps:
             raise ValueError(f"checkpoint {resume} is at step {state['step']}, past steps={self.cfg.steps}")
         return sae, state
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.loader.state_dict(),
-                "rng": _rng_state(self.device), "world_size": self.ctx.world_size}
+        """What a checkpoint holds besides the SAE. Under latent parallelism the optimizer state is
+        gathered whole (a collective), so a checkpoint is the same as one process's and resumes with
+        any number of latent shards."""
+        return {"step": self.step, "optimizer": self._whole_optimizer_state(), "data": self.loader.state_dict(),
+                "rng": _rng_state(self.device), "world_size": self.ctx.data_size,
+                "latent_parallel": self.ctx.latent_size}
+
+    def whole_sae(self):
+        """The whole SAE: ``self.sae``, or under latent parallelism its slices gathered (a collective)."""
+        return self.sae.to_full() if isinstance(self.sae, ShardedTopKSAE) else self.sae
+
+    def _whole_optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        if not isinstance(self.sae, ShardedTopKSAE):
+            return state
+        sliced = {i for i, (name, _) in enumerate(self.sae.named_parameters()) if name != "b_dec"}
+        # new dicts: optimizer.state_dict() hands out the live per-parameter state
+        state["state"] = {i: ({k: v if k == "step" else self.sae.gather_full(v) for k, v in per_param.items()}
+                              if i in sliced else per_param) for i, per_param in state["state"].items()}
+        return state
+
+    def _sharded_optimizer_state(self, state: dict) -> dict:
+        if not isinstance(self.sae, ShardedTopKSAE):
+            return state
+        sliced = {i for i, (name, _) in enumerate(self.sae.named_parameters()) if name != "b_dec"}
+        lo, hi = self.sae.lo, self.sae.hi
+        state["state"] = {i: ({k: v if k == "step" else v[lo:hi].clone() for k, v in per_param.items()}
+                              if int(i) in sliced else per_param) for i, per_param in state["state"].items()}
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """Writes a checkpoint of the current step (main process only)."""
         if self.cfg.out_dir is None:
             return None
         self.check_finite_steps()   # never checkpoint past a skipped, non-finite step
+        sae, state = self.whole_sae(), self.state_dict()     # collectives under latent parallelism
         if self.ctx.is_main:
-            self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, self.sae, self.cfg.to_dict(),
-                                                   self.state_dict(), keep=self.cfg.keep_checkpoints)
+            self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, sae, self.cfg.to_dict(), state,
+                                                   keep=self.cfg.keep_checkpoints)
         self.checkpoint_step = self.step
         distributed.barrier(self.ctx)
         return self.last_checkpoint
@@ -289,10 +319,10 @@ class Trainer:
         """The SAE's loss with this step's penalty warm-up; under data parallelism the local FVU
         is rescaled so that averaging gradients over processes gives the global batch's FVU."""
         sae, recon_scale = self.sae, 1.0
-        if self.ctx.enabled and sae.recon_loss == "fvu":
+        if self.ctx.data_size > 1 and sae.recon_loss == "fvu":
             xs = (x * sae.input_scale if sae.input_scale is not None else x).detach().to(torch.float64)
             local = (xs - xs.mean(0)).square().sum()
-            recon_scale = (local / distributed.global_variance(xs, self.ctx) * self.ctx.world_size).to(
+            recon_scale = (local / distributed.global_variance(xs, self.ctx) * self.ctx.data_size).to(
                 out.losses["recon"].dtype)
         return sae.loss(out, penalty_scale=penalty_scale, recon_scale=recon_scale)
 
@@ -309,13 +339,13 @@ class Trainer:
         sae, cfg, step = self.sae, self.cfg, self.step
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        before = sae.tokens_since_fired.clone() if self.ctx.enabled else None
+        before = sae.tokens_since_fired.clone() if self.ctx.data_size > 1 else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with autocast:
             out = sae(x)
             loss = self._loss(x, out, penalty_scale_at(step, cfg))
         if before is not None:   # dead-latent counters over the global batch
-            fired = distributed.all_reduce_sum(out.fired.detach().clone(), self.ctx)
+            fired = distributed.all_reduce_sum(out.fired.detach().clone(), self.ctx, over_data=True)
             sae.tokens_since_fired.copy_(torch.where(fired > 0, 0, before + cfg.batch_size))
         finite = torch.isfinite(loss.detach())
         if self.ctx.enabled:
@@ -328,7 +358,7 @@ class Trainer:
         distributed.all_reduce_gradients(sae.parameters(), self.ctx)
         sae.remove_parallel_grad_()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            sae.clip_grad_norm_(cfg.grad_clip)
         self.optimizer.step()
         sae.normalize_decoder_()
         self.step += 1
@@ -370,7 +400,7 @@ class Trainer:
                     raise NonFiniteDataError(f"{exc}. Training stopped while reading the batch of step "
                                              f"{self.step + 1}; {self._last_good()}") from None
                 result = self.train_step(x)
-                rows += x.shape[0] * self.ctx.world_size
+                rows += x.shape[0] * self.ctx.data_size
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self.check_finite_steps()
@@ -386,8 +416,9 @@ class Trainer:
             if cfg.out_dir is not None:
                 if self.checkpoint_step != self.step:
                     self.save_checkpoint()
+                whole = self.whole_sae()
                 if self.ctx.is_main:
-                    sae.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
+                    whole.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
         finally:
             self.loader.close()
             if flush:
