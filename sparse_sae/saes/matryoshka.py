@@ -51,14 +51,16 @@ class MatryoshkaTopKSAE(TopKSAE):
                  penalties: Sequence[Penalty] = (), **kwargs):
         super().__init__(d_in, n_latents, k, penalties, **kwargs)
         self.matryoshka_sizes = check_matryoshka_sizes(matryoshka_sizes, self.n_latents)
+        # the band boundaries on the device, made once (not a host-to-device copy per step)
+        self.register_buffer("_band_bounds", torch.tensor(self.matryoshka_sizes[:-1], dtype=torch.int64,
+                                                          device=self.W_enc.device), persistent=False)
 
     def recon_terms(self) -> dict:
         return {"matryoshka": 1.0} if len(self.matryoshka_sizes) > 1 else {}
 
     def prefix_recons(self, values, indices, W_dec, b_dec) -> list:
         """The reconstruction of each strict prefix (``m_1 .. m_{n-1}``), in the scaled input's units."""
-        bands = torch.bucketize(indices, torch.tensor(self.matryoshka_sizes[:-1], device=indices.device),
-                                right=True)                                 # B x k: the band of each entry
+        bands = torch.bucketize(indices, self._band_bounds, right=True)     # B x k: the band of each entry
         n = len(self.matryoshka_sizes) - 1
         B, w = values.shape
         per_band = torch.stack([torch.where(bands == g, values, torch.zeros_like(values)) for g in range(n)])

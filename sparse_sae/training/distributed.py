@@ -85,7 +85,8 @@ def init(device: torch.device, latent_size: int = 1) -> Context:
         if not launched_with_torchrun():
             if latent_size > 1:
                 raise ValueError(f"latent_parallel={latent_size} needs {latent_size} processes or a multiple "
-                                 f"(torchrun --nproc-per-node ...)")
+                                 f"(torchrun --nproc-per-node ...); to resume a latent-parallel run in one "
+                                 f"process, pass --latent-parallel 1")
             return Context()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     ctx = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
