@@ -179,3 +179,13 @@ def test_trainer_data_by_latent_mesh_equals_data_parallel(tmp_path):
     dp = _run(2, _train_cfg(tmp_path / "dp", steps=3))
     mesh = _run(4, _train_cfg(tmp_path / "mesh", steps=3, latent_parallel=2))
     _assert_same_state(mesh, dp)
+
+
+def test_data_parallel_takes_a_over_the_global_batch(tmp_path):
+    """2 data-parallel processes with both paper penalties equal one process on the global batch:
+    the batch-active set A is the union over the processes (AuxK off: its normaliser, the residual
+    variance, stays per process)."""
+    from sparse_sae.training import Trainer
+    one = Trainer(_train_cfg(tmp_path / "one", auxk=0.0, steps=3), _data())
+    one.fit()
+    _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", auxk=0.0, steps=3)), one.sae.state_dict())

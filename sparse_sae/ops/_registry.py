@@ -7,6 +7,7 @@ forces one backend for every op; forcing one that is not available is an error t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable
@@ -27,6 +28,31 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _WARNED: set = set()
 _TRITON_ERROR: str | None = None   # why the triton backend did not register
+
+
+_BATCH_ACTIVE_REDUCER: Callable | None = None    # see reduce_batch_active
+
+
+@contextlib.contextmanager
+def reduce_batch_active(reducer: Callable):
+    """Inside the block, the paper's batch-active set ``A`` (an ``F`` bool mask) that the (Batch)Top-k
+    ops take from the batch becomes ``reducer(A)``, and the row norms are taken over it. Data
+    parallelism passes the union over the processes, so that ``A`` is the whole global batch's."""
+    global _BATCH_ACTIVE_REDUCER
+    previous, _BATCH_ACTIVE_REDUCER = _BATCH_ACTIVE_REDUCER, reducer
+    try:
+        yield
+    finally:
+        _BATCH_ACTIVE_REDUCER = previous
+
+
+def reduces_batch_active() -> bool:
+    return _BATCH_ACTIVE_REDUCER is not None
+
+
+def batch_active(active: torch.Tensor) -> torch.Tensor:
+    """``active`` through the reducer of :func:`reduce_batch_active`, or as it is outside one."""
+    return active if _BATCH_ACTIVE_REDUCER is None else _BATCH_ACTIVE_REDUCER(active)
 
 
 def record_triton_error(reason: str) -> None:

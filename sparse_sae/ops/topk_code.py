@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sparse_sae import reference
+from sparse_sae.ops import _registry
 from sparse_sae.ops.encode import encode
 from sparse_sae.ops.penalty_backward import penalty_backward
 from sparse_sae.ops.select import _select, fake_code_widths
@@ -47,6 +48,9 @@ def _topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, m
     h = encode(x, W_enc, b_enc, b_dec, True)
     values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices = _select(
         h, k, mode, width, None, dead, k_aux, penalized)
+    if penalized and _registry.reduces_batch_active():    # A over the global batch (data parallelism)
+        active = _registry.batch_active(active)
+        n1, n2 = reference.active_row_norms_ref(h, active)
     if penalized:
         r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, values, ratio_eps)
     else:

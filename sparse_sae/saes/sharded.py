@@ -291,7 +291,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         losses = {"recon": (reference.fvu_ref if self.recon_loss == "fvu" else reference.mse_ref)(x, recon)}
         fired = reference.fired_counts_ref(values.detach(), indices, Fl)
         if self.penalties:
-            active = fired > 0                                             # A on this slice
+            active = ops.batch_active(fired > 0)     # A on this slice (over the data replicas too, in training)
             hA = h.to(reference.acc_dtype(h.dtype)) * active
             n1 = self._sum(hA.sum(1))
             sq = self._sum(hA.square().sum(1))

@@ -8,11 +8,12 @@ takes its slice of every global batch; after the backward pass :func:`all_reduce
 averages the gradients over the data replicas (one flat all-reduce), so every replica takes the
 same optimizer step. NCCL on GPUs, gloo on CPUs.
 
-For the result to equal one process on the global batch, per-batch normalisers must be global:
-:func:`global_variance` gives the FVU denominator of the whole batch, and firing counts are summed
-(:func:`all_reduce_sum`) before the dead-latent tracker sees them. What stays per process: the
-batch-active set ``A`` of the paper's penalties and the BatchTopK selection (each over the local
-rows), as in other data-parallel SAE trainers.
+For the result to equal one process on the global batch, per-batch quantities must be global:
+:func:`global_variance` gives the FVU denominator of the whole batch, firing counts are summed
+(:func:`all_reduce_sum`) before the dead-latent tracker sees them, and the paper's batch-active
+set ``A`` is the union over the data replicas (:func:`union_over_data`, one all-reduce of ``F``
+flags, through ``sparse_sae.ops.reduce_batch_active``). What stays per data replica: the
+BatchTopK selection and AuxK's normaliser (the variance of the replica's own residual).
 """
 from __future__ import annotations
 
@@ -117,6 +118,15 @@ def all_reduce_sum(t: torch.Tensor, ctx: Context, over_data: bool = False) -> to
     elif ctx.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def union_over_data(mask: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The OR of a bool ``mask`` over the data replicas (the batch-active set of the global batch)."""
+    if ctx.data_size == 1:
+        return mask
+    m = mask.to(torch.int32)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ctx.data_group)
+    return m.bool()
 
 
 def all_reduce_gradients(params, ctx: Context) -> None:

@@ -19,6 +19,7 @@ run's checkpoints, final SAE or metrics, and a resumed run writes only into its 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from sparse_sae import ops
 from sparse_sae.saes import BatchTopKSAE, ShardedTopKSAE
 from sparse_sae.training import distributed
 from sparse_sae.training.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
@@ -341,7 +343,10 @@ class Trainer:
             group["lr"] = lr_at(step, cfg)
         before = sae.tokens_since_fired.clone() if self.ctx.data_size > 1 else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with autocast:
+        # the paper's batch-active set A over the global batch, not this replica's rows
+        global_a = (ops.reduce_batch_active(functools.partial(distributed.union_over_data, ctx=self.ctx))
+                    if self.ctx.data_size > 1 else contextlib.nullcontext())
+        with autocast, global_a:
             out = sae(x)
             loss = self._loss(x, out, penalty_scale_at(step, cfg))
         if before is not None:   # dead-latent counters over the global batch
