@@ -93,6 +93,34 @@ def _count_collectives(counter: dict):
     dist.all_reduce, dist.all_gather = all_reduce, all_gather
 
 
+def _step_times(model, x, steps: int, warmup: int, before=None, after=None) -> list:
+    """Seconds of each of ``steps`` training steps (forward, backward, decoder constraint, Adam)
+    after ``warmup``; ``before``/``after`` run around each (a barrier, a counter reset)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(warmup + steps):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        out = model(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        model.remove_parallel_grad_()
+        opt.step()
+        model.normalize_decoder_()
+        if after is not None:
+            after()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times) -> dict:
+    ts = sorted(times)
+    return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
+            "p80_ms": 1e3 * ts[min(len(ts) - 1, 4 * len(ts) // 5)]}
+
+
 def _worker(rank, world, store, shape, steps, warmup, result_path):
     import sparse_sae as S
     from sparse_sae.saes import sharded as sharded_mod
@@ -104,23 +132,13 @@ def _worker(rank, world, store, shape, steps, warmup, result_path):
         whole = S.TopKSAE(D, F, k, [S.OffSupportL1(0.02), S.L1L2Ratio(0.01)])
         model = sharded_mod.ShardedTopKSAE.from_full(whole)
         x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         counter = {"bytes": 0}
         _count_collectives(counter)
-        times = []
-        for i in range(warmup + steps):
+
+        def before():
             dist.barrier()
             counter["bytes"] = 0
-            t0 = time.perf_counter()
-            out = model(x)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            model.remove_parallel_grad_()
-            opt.step()
-            model.normalize_decoder_()
-            dist.barrier()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        times = _step_times(model, x, steps, warmup, before, dist.barrier)
         if rank == 0:
             Path(result_path).write_text(json.dumps({"times": times, "bytes": counter["bytes"]}))
     finally:
@@ -132,9 +150,7 @@ def measure(shape, world: int, steps: int, warmup: int) -> dict:
         result = os.path.join(tmp, "result.json")
         mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), shape, steps, warmup, result), nprocs=world)
         data = json.loads(Path(result).read_text())
-    ts = sorted(data["times"])
-    return {"P": world, "median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
-            "p80_ms": 1e3 * ts[min(len(ts) - 1, 4 * len(ts) // 5)], "bytes_per_rank": data["bytes"]}
+    return {"P": world, **_summary(data["times"]), "bytes_per_rank": data["bytes"]}
 
 
 def _cpu_name() -> str:
@@ -154,21 +170,7 @@ def measure_whole(shape, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     sae = S.TopKSAE(D, F, k, [S.OffSupportL1(0.02), S.L1L2Ratio(0.01)])
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = sae(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    ts = sorted(times)
-    return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * ts[len(ts) // 5],
-            "p80_ms": 1e3 * ts[min(len(ts) - 1, 4 * len(ts) // 5)]}
+    return _summary(_step_times(sae, x, steps, warmup))
 
 
 def main(argv=None) -> int:

@@ -84,6 +84,18 @@ class SAEOutput:
         return f"SAEOutput(loss={float(self.loss.detach()):.4g} [{terms}], recon shape {tuple(self.recon.shape)})"
 
 
+def add_sae_parameters(module: nn.Module, n_latents: int, d_in: int, dtype, device) -> None:
+    """``W_enc (F x D)``, ``b_enc (F)``, ``W_dec (F x D)``, ``b_dec (D)`` (zeros) and the
+    ``tokens_since_fired`` buffer: the training rows seen since each latent last fired, which feed
+    AuxK and the dead fraction."""
+    factory = {"dtype": dtype, "device": device}
+    module.W_enc = nn.Parameter(torch.zeros(n_latents, d_in, **factory))
+    module.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
+    module.W_dec = nn.Parameter(torch.zeros(n_latents, d_in, **factory))
+    module.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+    module.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64, device=device))
+
+
 class TrainableSAE:
     """What a training loop calls on an SAE module, whole (:class:`SparseAutoencoder`) or sharded
     (:class:`~sparse_sae.saes.sharded.ShardedTopKSAE`): the loss weighting and the decoder
@@ -158,13 +170,7 @@ class SparseAutoencoder(TrainableSAE, nn.Module):
         # trainer turns it off, as its loader checks every row on the host first
         self.check_finite = True
         self.penalties = self._check_penalties(penalties)
-        factory = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
-        # Training rows seen since each latent last fired; feeds AuxK and the dead fraction.
-        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64, device=device))
+        add_sae_parameters(self, n_latents, d_in, dtype, device)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction

@@ -38,7 +38,7 @@ from torch import nn
 from sparse_sae import ops, reference
 from sparse_sae._checks import check_activations, check_int, check_real
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
-from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE
+from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE, add_sae_parameters
 from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
 
 MODES = ("topk", "batchtopk")
@@ -144,13 +144,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         self.threshold_momentum = float(threshold_momentum)
         self.input_scale = None if input_scale is None else check_real(input_scale, "input_scale", positive=True)
         self.check_finite = True
-        Fl = self.hi - self.lo
-        factory = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.zeros(Fl, d_in, **factory))
-        self.b_enc = nn.Parameter(torch.zeros(Fl, **factory))
-        self.W_dec = nn.Parameter(torch.zeros(Fl, d_in, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
-        self.register_buffer("tokens_since_fired", torch.zeros(Fl, dtype=torch.int64, device=device))
+        add_sae_parameters(self, self.hi - self.lo, d_in, dtype, device)     # this rank's slice
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float64, device=device))
 
     # ------------------------------------------------------------------ whole <-> sharded
