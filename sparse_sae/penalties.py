@@ -79,6 +79,11 @@ class AuxK:
         check_optional_int(self.k_aux, "AuxK.k_aux", 1)
         check_int(self.dead_after_tokens, "AuxK.dead_after_tokens", 1)
 
+    def width(self, d_in: int, n_latents: int) -> int:
+        """The number of dead latents each row's AuxK code takes: ``k_aux`` (default ``d_in // 2``),
+        at most ``n_latents``."""
+        return min(self.k_aux or max(d_in // 2, 1), n_latents)
+
     def to_config(self) -> dict:
         return {"type": "AuxK", **asdict(self)}
 

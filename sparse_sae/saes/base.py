@@ -99,7 +99,8 @@ def add_sae_parameters(module: nn.Module, n_latents: int, d_in: int, dtype, devi
 class TrainableSAE:
     """What a training loop calls on an SAE module, whole (:class:`SparseAutoencoder`) or sharded
     (:class:`~sparse_sae.saes.sharded.ShardedTopKSAE`): the loss weighting and the decoder
-    constraint. Needs ``penalties``, ``auxk`` (None unless AuxK runs) and ``W_dec``."""
+    constraint, the penalty checks. Needs ``allowed_penalties``, ``penalties``, ``auxk`` (None unless
+    AuxK runs) and ``W_dec``."""
 
     def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0) -> torch.Tensor:
         """The training loss of ``out``: ``recon_scale * (recon + sum_t w_t * recon_t)`` over the
@@ -117,6 +118,27 @@ class TrainableSAE:
         if "auxk" in losses:
             loss = loss + self.auxk.coef * losses["auxk"]
         return loss
+
+    def _check_penalties(self, penalties) -> tuple:
+        if isinstance(penalties, Penalty):
+            penalties = (penalties,)
+        penalties = tuple(penalties)
+        seen = set()
+        for p in penalties:
+            if not isinstance(p, Penalty):
+                raise TypeError(f"penalties must be Penalty objects (OffSupportL1, L1L2Ratio, DecoderNormL1, L0), "
+                                f"got {type(p).__name__}")
+            if not isinstance(p, self.allowed_penalties):
+                allowed = ", ".join(c.__name__ for c in self.allowed_penalties)
+                raise ValueError(f"{type(self).__name__} does not take {type(p).__name__}; it takes {allowed}")
+            if p.name in seen:
+                raise ValueError(f"penalty {type(p).__name__} given twice")
+            seen.add(p.name)
+        return penalties
+
+    def penalty(self, cls):
+        """The configured penalty of type ``cls``, or None."""
+        return next((p for p in self.penalties if isinstance(p, cls)), None)
 
     def recon_terms(self) -> dict:
         """``{name: weight}`` of the reconstruction terms beyond ``recon`` (each measured like
@@ -174,27 +196,6 @@ class SparseAutoencoder(TrainableSAE, nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
-    def _check_penalties(self, penalties) -> tuple:
-        if isinstance(penalties, Penalty):
-            penalties = (penalties,)
-        penalties = tuple(penalties)
-        seen = set()
-        for p in penalties:
-            if not isinstance(p, Penalty):
-                raise TypeError(f"penalties must be Penalty objects (OffSupportL1, L1L2Ratio, DecoderNormL1, L0), "
-                                f"got {type(p).__name__}")
-            if not isinstance(p, self.allowed_penalties):
-                allowed = ", ".join(c.__name__ for c in self.allowed_penalties)
-                raise ValueError(f"{type(self).__name__} does not take {type(p).__name__}; it takes {allowed}")
-            if p.name in seen:
-                raise ValueError(f"penalty {type(p).__name__} given twice")
-            seen.add(p.name)
-        return penalties
-
-    def penalty(self, cls):
-        """The configured penalty of type ``cls``, or None."""
-        return next((p for p in self.penalties if isinstance(p, cls)), None)
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Unit-norm random decoder rows, the encoder tied to the decoder at init, zero biases."""

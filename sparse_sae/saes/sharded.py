@@ -39,7 +39,7 @@ from sparse_sae import ops, reference
 from sparse_sae._checks import check_activations, check_int, check_real
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
 from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE, add_sae_parameters
-from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE
+from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE, next_threshold
 
 MODES = ("topk", "batchtopk")
 
@@ -134,10 +134,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         if self.hi - self.lo < self.k:
             raise ValueError(f"each shard must hold at least k={k} latents; {n_latents} over {self.n_shards} "
                              f"shards gives {self.hi - self.lo}")
-        for p in penalties:
-            if not isinstance(p, self.allowed_penalties):
-                raise ValueError(f"ShardedTopKSAE takes OffSupportL1 and L1L2Ratio, not {type(p).__name__}")
-        self.penalties = tuple(penalties)
+        self.penalties = self._check_penalties(penalties)
         if auxk is not None and not isinstance(auxk, AuxK):
             raise TypeError(f"auxk must be an AuxK or None, got {type(auxk).__name__}")
         self.auxk, self.mode, self.recon_loss = auxk, mode, recon_loss
@@ -241,7 +238,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         mine = (col >= self.lo) & (col < self.hi)
         mask = torch.zeros(B * Fl, dtype=torch.bool, device=h.device)
         mask[(key // self.n_latents)[mine] * Fl + (col[mine] - self.lo)] = True
-        return mask.view(B, Fl), v[v > 0].min() if bool((v > 0).any()) else None
+        return mask.view(B, Fl), torch.where(v > 0, v, torch.full_like(v, float("inf"))).min()
 
     def _global_topk_flat(self, values, keys, n: int):
         v = torch.cat(_all_gather(values, self.group))
@@ -291,7 +288,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             sq = self._sum(hA.square().sum(1))
             n2 = torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0)
             picked = self._sum(values.to(n1.dtype).sum(1, keepdim=True))
-            ratio = next((p for p in self.penalties if isinstance(p, L1L2Ratio)), None)
+            ratio = self.penalty(L1L2Ratio)
             r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, picked, ratio.eps if ratio else
                                                                  reference.RATIO_EPS)
             terms = {OffSupportL1.name: r_off, L1L2Ratio.name: r_ratio}
@@ -302,7 +299,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             with torch.no_grad():
                 self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + B))
                 if selected_min is not None:
-                    self._update_threshold(selected_min)
+                    self.threshold.copy_(next_threshold(self.threshold, selected_min, self.threshold_momentum))
         out = _ShardedOutput(recon / self.input_scale if self.input_scale is not None else recon, None, losses,
                              fired, self.n_latents, values=values, indices=global_indices)
         out.global_l0 = l0
@@ -311,7 +308,7 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
 
     def _auxk_loss(self, x, recon, h):
         dead = self.tokens_since_fired >= self.auxk.dead_after_tokens
-        k_aux = min(self.auxk.k_aux or max(self.d_in // 2, 1), self.n_latents)
+        k_aux = self.auxk.width(self.d_in, self.n_latents)
         # the candidates as reference.auxk_select_ref picks them (h >= 0: live latents sort last)
         masked = torch.where(dead, h.detach(), torch.full_like(h, -1.0))
         lv, li = reference.topk_select_ref(masked, min(k_aux, h.shape[1]))
@@ -322,12 +319,6 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         any_dead = dead.any().to(torch.int32)
         dist.all_reduce(any_dead, op=dist.ReduceOp.MAX, group=self.group)
         return reference.auxk_loss_from_residual((x - recon).detach(), e_hat, any_dead.bool())
-
-    @torch.no_grad()
-    def _update_threshold(self, smallest) -> None:
-        m = self.threshold_momentum
-        pos = smallest.to(torch.float64)
-        self.threshold.copy_(torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos))
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, mode={self.mode}, "

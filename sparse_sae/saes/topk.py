@@ -18,6 +18,14 @@ from sparse_sae.saes.relu import JumpReLUSAE
 PAPER_TERMS = (OffSupportL1.name, L1L2Ratio.name)
 
 
+def next_threshold(threshold, smallest, momentum: float):
+    """BatchTopK's running threshold after a batch whose smallest positive selected value is
+    ``smallest`` (``inf``: none, which leaves it unchanged); the first batch sets it (``threshold < 0``)."""
+    pos = smallest.to(torch.float64)
+    new = torch.where(threshold < 0, pos, (1 - momentum) * threshold + momentum * pos)
+    return torch.where(torch.isfinite(pos), new, threshold)
+
+
 class TopKSAE(SparseAutoencoder):
     """Top-k SAE: each row keeps its ``k`` largest pre-activations (ties to the lower index).
 
@@ -39,9 +47,7 @@ class TopKSAE(SparseAutoencoder):
 
     @property
     def k_aux(self) -> int:
-        if self.auxk is None:
-            return 0
-        return min(self.auxk.k_aux or max(self.d_in // 2, 1), self.n_latents)
+        return 0 if self.auxk is None else self.auxk.width(self.d_in, self.n_latents)
 
     def _width(self) -> int:
         """The packed code's width for ``ops.select`` (0: Top-k's own ``k``)."""
@@ -214,10 +220,8 @@ class BatchTopKSAE(TopKSAE):
     def update_threshold_estimate(self, values) -> None:
         """Running estimate of the smallest selected value, on the device (no host sync); a batch
         that selects nothing positive leaves it unchanged."""
-        pos = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min().to(torch.float64)
-        m = self.threshold_momentum
-        new = torch.where(self.threshold < 0, pos, (1 - m) * self.threshold + m * pos)
-        self.threshold.copy_(torch.where(torch.isfinite(pos), new, self.threshold))
+        smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min()
+        self.threshold.copy_(next_threshold(self.threshold, smallest, self.threshold_momentum))
 
     def config(self) -> dict:
         cfg = super().config()
