@@ -130,25 +130,42 @@ def _data():
     return torch.randn(400, D, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 
 
-def _train_worker(rank, world, path, cfg, resume, result):
+def _train_worker(rank, world, path, cfg, resume, result, exit_at):
+    from sparse_sae.saes import base
     from sparse_sae.training import Trainer
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        trainer = Trainer(cfg, _data(), resume=resume)
+        built = []           # the rows of every initialisation this process draws
+        init_rows = base.init_decoder_rows
+
+        def recording(seed, lo, hi, d_in, dtype=None, device=None):
+            if torch.device(device or "cpu").type != "meta":    # (a meta SAE gives a saved config)
+                built.append(hi - lo)
+            return init_rows(seed, lo, hi, d_in, dtype, device)
+        base.init_decoder_rows = recording
+        import sparse_sae.saes.sharded as sharded
+        sharded.init_decoder_rows = recording
+        # the whole run killed at once (every process) after step exit_at
+        on_step = (lambda t: os._exit(9) if t.step == exit_at else None) if exit_at else None
+        trainer = Trainer(cfg, _data(), resume=resume, on_step=on_step)
         trainer.fit()
+        during_fit = list(built)
         state = trainer.whole_sae().state_dict()
         if rank == 0:
-            torch.save({k: v.clone() for k, v in state.items()}, result)
+            torch.save({"state": {k: v.clone() for k, v in state.items()}, "built": during_fit}, result)
     finally:
         dist.destroy_process_group()
 
 
-def _run(world, cfg, resume=None):
+def _run(world, cfg, resume=None, exit_at=None, built=None):
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "state.pt")
-        mp.spawn(_train_worker, args=(world, os.path.join(tmp, "store"), cfg, resume, result), nprocs=world)
-        return torch.load(result)
+        mp.spawn(_train_worker, args=(world, os.path.join(tmp, "store"), cfg, resume, result, exit_at), nprocs=world)
+        saved = torch.load(result)
+        if built is not None:
+            built.extend(saved["built"])
+        return saved["state"]
 
 
 def _assert_same_state(got, want):
@@ -166,12 +183,66 @@ def test_trainer_latent_parallel_equals_one_process_and_reshards_on_resume(tmp_p
     one = Trainer(_train_cfg(tmp_path / "one", architecture=arch), _data())
     one.fit()
     want = one.sae.state_dict()
-    _assert_same_state(_run(4, _train_cfg(tmp_path / "p4", architecture=arch, latent_parallel=4)), want)
+    built = []
+    _assert_same_state(_run(4, _train_cfg(tmp_path / "p4", architecture=arch, latent_parallel=4), built=built),
+                       want)
+    assert built and max(built) == shard_bounds(F, 4, 0)[1], built    # rank 0 drew its slice, never all F rows
     _run(4, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=4, steps=2))
+    _assert_sharded_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000002", 4)
     got = _run(2, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=2), resume=str(tmp_path / "r"))
     _assert_same_state(got, want)
+    _assert_sharded_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000004", 2)
     final = S.load(tmp_path / "r" / "final")
     assert type(final) is type(one.sae) and final.n_latents == F
+    whole_final = one.sae.__class__.load(tmp_path / "one" / "final")
+    for name, t in whole_final.state_dict().items():     # written by shard, read back whole, scale folded alike
+        torch.testing.assert_close(final.state_dict()[name], t, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _assert_sharded_checkpoint(ckpt, shards):
+    """Each shard's files are there and no whole weights file; the checkpoint loads whole in one
+    process, and the manifest covers the shard files."""
+    import json
+    from sparse_sae.training.checkpoint import read_checkpoint
+    names = {p.name for p in ckpt.iterdir()}
+    for i in range(shards):
+        assert f"sae_weights-{i:05d}-of-{shards:05d}.safetensors" in names
+        assert f"optimizer-{i:05d}-of-{shards:05d}.safetensors" in names
+    assert "sae_weights.safetensors" not in names
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert f"optimizer-{shards - 1:05d}-of-{shards:05d}.safetensors" in manifest
+    sae = read_checkpoint(ckpt).sae
+    assert sae.n_latents == F and sae.W_dec.shape == (F, D)
+
+
+def test_sharded_checkpoint_resumes_in_one_process_and_after_a_kill(tmp_path):
+    """A run killed (every process at once) after step 3, with a 2-shard checkpoint at step 2,
+    resumes in one process (--latent-parallel 1) to the uninterrupted weights; a whole
+    checkpoint resumes with 2 shards. A damaged optimizer shard is reported by the manifest and
+    the previous checkpoint used."""
+    from sparse_sae.training import Trainer
+    from sparse_sae.training.checkpoint import read_checkpoint
+    one = Trainer(_train_cfg(tmp_path / "one"), _data())
+    one.fit()
+    want = one.sae.state_dict()
+    with pytest.raises(mp.ProcessExitedException):
+        _run(2, _train_cfg(tmp_path / "k", latent_parallel=2), exit_at=3)
+    assert not (tmp_path / "k" / "final").exists()
+    resumed = Trainer(_train_cfg(tmp_path / "k"), _data(), resume=str(tmp_path / "k"))
+    assert resumed.step == 2
+    resumed.fit()
+    _assert_same_state(resumed.sae.state_dict(), want)
+
+    Trainer(_train_cfg(tmp_path / "w", steps=2), _data()).fit()        # whole checkpoint -> 2 shards
+    _assert_same_state(_run(2, _train_cfg(tmp_path / "w", latent_parallel=2), resume=str(tmp_path / "w")), want)
+
+    ckpt = tmp_path / "w" / "checkpoints" / "step_00000004"
+    shard = ckpt / "optimizer-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="optimizer-00001-of-00002.safetensors does not match its sha256"):
+        assert read_checkpoint(tmp_path / "w").path.name == "step_00000002"
 
 
 def test_trainer_data_by_latent_mesh_equals_data_parallel(tmp_path):
@@ -189,3 +260,39 @@ def test_data_parallel_takes_a_over_the_global_batch(tmp_path):
     one = Trainer(_train_cfg(tmp_path / "one", auxk=0.0, steps=3), _data())
     one.fit()
     _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", auxk=0.0, steps=3)), one.sae.state_dict())
+
+
+def test_sharded_save_reads_back_whole_and_by_rows(tmp_path):
+    """The shard layout, written file by file as the ranks write it: read whole it equals the
+    whole SAE; any row range, read from the shards or from a whole save, equals the rows of the
+    whole tensors; uncovered bounds and a missing shard are refused with the file named."""
+    import json
+    from sparse_sae.saes import serialization
+    from sparse_sae.saes.sharded import SLICED
+    whole, _ = _whole("topk", torch.float64)
+    whole.save(tmp_path / "whole", fold_input_scale=False)
+    state = whole.state_dict()
+    bounds = [shard_bounds(F, 3, r) for r in range(3)]
+    for i, (a, b) in enumerate(bounds):
+        serialization.write_shard(tmp_path / "sh", i, 3, {k: (v[a:b] if k in SLICED else v) for k, v in state.items()})
+    serialization.write(tmp_path / "sh", class_name="TopKSAE", dtype=torch.float64, config=whole.config(),
+                        tensors=None, shards={"count": 3, "bounds": bounds, "sliced": list(SLICED)})
+    assert not (tmp_path / "sh" / "sae_weights.safetensors").exists()
+    back = S.load(tmp_path / "sh")
+    for name, t in state.items():
+        assert torch.equal(back.state_dict()[name], t), name
+    for rows in [(0, 1), (33, 36), (34, 35), (5, 103), (0, 103)]:
+        for where in ("sh", "whole"):
+            _, got, _ = serialization.read(tmp_path / where, rows=rows, sliced=SLICED)
+            for name, t in state.items():
+                assert torch.equal(got[name], t[rows[0]:rows[1]] if name in SLICED else t), (where, rows, name)
+    meta = json.loads((tmp_path / "sh" / "config.json").read_text())
+    meta["shards"]["bounds"][1][1] += 1
+    (tmp_path / "sh" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not cover"):
+        S.load(tmp_path / "sh")
+    meta["shards"]["bounds"][1][1] -= 1
+    (tmp_path / "sh" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "sh" / "sae_weights-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sae_weights-00002-of-00003.safetensors"):
+        S.load(tmp_path / "sh")

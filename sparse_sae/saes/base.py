@@ -96,6 +96,32 @@ def add_sae_parameters(module: nn.Module, n_latents: int, d_in: int, dtype, devi
     module.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64, device=device))
 
 
+INIT_BLOCK_ROWS = 4096    # decoder rows drawn from one generator at initialisation
+
+
+def init_decoder_rows(seed: int, lo: int, hi: int, d_in: int, dtype=None, device=None) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of the initial decoder: Gaussian rows scaled to unit norm. Each block of
+    :data:`INIT_BLOCK_ROWS` rows comes from its own generator, seeded from ``seed`` and the block's
+    index, so a latent-parallel shard builds its slice alone and gets the whole matrix's rows."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rows = torch.empty(hi - lo, d_in, dtype=dtype, device=device)
+    if device.type == "meta":
+        return rows
+    for block in range(lo // INIT_BLOCK_ROWS, (hi - 1) // INIT_BLOCK_ROWS + 1 if hi > lo else 0):
+        start = block * INIT_BLOCK_ROWS
+        g = torch.Generator(device=device).manual_seed((seed + block * 0x9E3779B97F4A7C15) % 2**63)
+        drawn = torch.randn(INIT_BLOCK_ROWS, d_in, generator=g, dtype=dtype, device=device)
+        a, b = max(lo, start), min(hi, start + INIT_BLOCK_ROWS)
+        rows[a - lo:b - lo] = drawn[a - start:b - start]
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def draw_init_seed() -> int:
+    """The seed of :func:`init_decoder_rows`, from torch's default (CPU) generator: ``torch.manual_seed``
+    fixes the initialisation on every device."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
 class TrainableSAE:
     """What a training loop calls on an SAE module, whole (:class:`SparseAutoencoder`) or sharded
     (:class:`~sparse_sae.saes.sharded.ShardedTopKSAE`): the loss weighting and the decoder
@@ -198,9 +224,10 @@ class SparseAutoencoder(TrainableSAE, nn.Module):
     # ------------------------------------------------------------------ construction
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows, the encoder tied to the decoder at init, zero biases."""
-        self.W_dec.normal_()
-        self.normalize_decoder_()
+        """Unit-norm random decoder rows (:func:`init_decoder_rows`), the encoder tied to the decoder
+        at init, zero biases."""
+        self.W_dec.copy_(init_decoder_rows(draw_init_seed(), 0, self.n_latents, self.d_in, self.W_dec.dtype,
+                                           self.W_dec.device))
         self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()
         self.b_dec.zero_()

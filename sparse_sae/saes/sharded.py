@@ -37,11 +37,22 @@ from torch import nn
 
 from sparse_sae import ops, reference
 from sparse_sae._checks import check_activations, check_int, check_real
+from sparse_sae.geometric_median import geometric_median
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
-from sparse_sae.saes.base import RECON_LOSSES, SAEOutput, TrainableSAE, add_sae_parameters
+from sparse_sae.saes import serialization
+from sparse_sae.saes.base import (
+    RECON_LOSSES,
+    SAEOutput,
+    TrainableSAE,
+    add_sae_parameters,
+    draw_init_seed,
+    init_decoder_rows,
+)
 from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE, next_threshold
 
 MODES = ("topk", "batchtopk")
+WHOLE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+SLICED = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")    # per-latent: each rank holds rows [lo, hi)
 
 
 def shard_bounds(n_latents: int, n_shards: int, shard: int) -> tuple[int, int]:
@@ -81,6 +92,36 @@ class _SumGradsOverShards(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g, None
+
+
+def _collective_device(group) -> torch.device:
+    """Where a small tensor for a collective over ``group`` must live (NCCL: the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_from_first(t: torch.Tensor, group) -> None:
+    """``t`` on every rank of ``group`` set to the group's first rank's ``t``."""
+    dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+
+
+def run_on_every_rank(fn, group=None):
+    """Calls ``fn()`` on every rank of ``group``; if it raised on any rank, raises on every rank
+    (the rank's own exception where it failed) instead of leaving the others waiting in a later
+    collective."""
+    error = None
+    try:
+        result = fn()
+    except Exception as exc:      # noqa: BLE001 - re-raised below, on this rank and the others
+        error, result = exc, None
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_collective_device(group))
+    dist.all_reduce(failed, group=group)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"{int(failed)} other process(es) failed; see their errors")
+    return result
 
 
 def _all_gather(t: torch.Tensor, group) -> list:
@@ -143,6 +184,28 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         self.check_finite = True
         add_sae_parameters(self, self.hi - self.lo, d_in, dtype, device)     # this rank's slice
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float64, device=device))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """This rank's rows of the whole SAE's initialisation (:func:`~sparse_sae.saes.base.init_decoder_rows`,
+        built without the other rows): the seed is drawn as the whole SAE draws it, on the group's
+        first rank, and broadcast (a collective)."""
+        seed = torch.tensor([draw_init_seed()], dtype=torch.int64, device=_collective_device(self.group))
+        _broadcast_from_first(seed, self.group)
+        self.W_dec.copy_(init_decoder_rows(int(seed), self.lo, self.hi, self.d_in, self.W_dec.dtype, self.W_dec.device))
+        self.W_enc.copy_(self.W_dec)
+        for name in ("b_enc", "b_dec", "tokens_since_fired"):
+            getattr(self, name).zero_()
+        self.threshold.fill_(-1.0)
+
+    @torch.no_grad()
+    def init_b_dec_(self, x, max_rows: int = 32768) -> None:
+        """Sets ``b_dec`` to the geometric median of (up to ``max_rows`` rows of) ``x``, as the whole
+        SAE does; the group's first rank's result is broadcast, so every rank holds the same bits."""
+        xs = (x * self.input_scale if self.input_scale is not None else x)[:max_rows]
+        self.b_dec.copy_(geometric_median(xs.to(self.b_dec.dtype)))
+        _broadcast_from_first(self.b_dec.data, self.group)
 
     # ------------------------------------------------------------------ whole <-> sharded
     @classmethod
@@ -179,15 +242,68 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             state["threshold"] = self.threshold.clone()
         return state
 
-    def to_full(self) -> TopKSAE:
-        """The whole SAE (a :class:`TopKSAE` or :class:`BatchTopKSAE`) on every rank, e.g. to save
-        it with :func:`sparse_sae.save`: ``if rank == 0: sharded.to_full().save(path)``."""
-        cls = TopKSAE if self.mode == "topk" else BatchTopKSAE
+    def _whole(self, device) -> TopKSAE:
+        """An initialised whole SAE of this one's class and configuration on ``device``."""
         kw = {"threshold_momentum": self.threshold_momentum} if self.mode == "batchtopk" else {}
-        sae = cls(self.d_in, self.n_latents, self.k, self.penalties, auxk=self.auxk, recon_loss=self.recon_loss,
-                  input_scale=self.input_scale, dtype=self.W_enc.dtype, device=self.W_enc.device, **kw)
+        return WHOLE_CLASSES[self.mode](self.d_in, self.n_latents, self.k, self.penalties, auxk=self.auxk,
+                                        recon_loss=self.recon_loss, input_scale=self.input_scale,
+                                        dtype=self.W_enc.dtype, device=device, **kw)
+
+    def to_full(self) -> TopKSAE:
+        """The whole SAE (a :class:`TopKSAE` or :class:`BatchTopKSAE`) on every rank (a collective;
+        it must fit one device: :meth:`save` writes the shards without gathering them)."""
+        sae = self._whole(self.W_enc.device)
         sae.load_state_dict(self.full_state_dict())
         return sae.train(self.training)
+
+    # ------------------------------------------------------------------ save and load by shard
+    def save(self, directory, fold_input_scale: bool = True, activations: dict | None = None) -> None:
+        """Writes the SAE to ``directory`` in shards, each rank its own slice
+        (``sae_weights-<rank>-of-<P>.safetensors``) and the group's first rank ``config.json`` (see
+        :mod:`sparse_sae.saes.serialization`); nothing is gathered. A collective over the group; a
+        failure on any rank raises on every rank. :func:`sparse_sae.load` reads it back whole,
+        :meth:`load` by slices for any number of shards."""
+        def write():
+            state = (serialization.folded_state(self) if fold_input_scale and self.input_scale is not None
+                     else self.state_dict())
+            if self.mode == "topk":
+                del state["threshold"]        # BatchTopK's only
+            serialization.write_shard(directory, self.shard, self.n_shards, state)
+            if self.shard == 0:
+                with torch.random.fork_rng(devices=[]):   # building it draws an init seed: keep the RNG as it was
+                    config = self._whole("meta").config()
+                if fold_input_scale:
+                    config["input_scale"] = None
+                bounds = [shard_bounds(self.n_latents, self.n_shards, r) for r in range(self.n_shards)]
+                serialization.write(directory, class_name=WHOLE_CLASSES[self.mode].__name__, dtype=self.W_enc.dtype,
+                                    config=config, tensors=None, activations=activations,
+                                    shards={"count": self.n_shards, "bounds": bounds, "sliced": list(SLICED)})
+        run_on_every_rank(write, self.group)
+
+    @classmethod
+    def load(cls, directory, group=None, device=None) -> "ShardedTopKSAE":
+        """This rank's shard of the Top-k/BatchTopK SAE saved in ``directory``, whole (:func:`sparse_sae.save`)
+        or in any number of shards (:meth:`save`); only this rank's rows are read. In training mode."""
+        meta = serialization.read_meta(directory)
+        mode = next((m for m, c in WHOLE_CLASSES.items() if c.__name__ == meta.get("class")), None)
+        if mode is None:
+            raise ValueError(f"{directory} holds a {meta.get('class')}; latent parallelism takes "
+                             f"{' or '.join(c.__name__ for c in WHOLE_CLASSES.values())}")
+        config = dict(meta["config"])
+        kw = {"threshold_momentum": config.get("threshold_momentum", 0.01)} if mode == "batchtopk" else {}
+        if config.get("max_k_per_row") is not None:
+            raise ValueError(f"{directory}: latent parallelism does not take max_k_per_row yet")
+        n = config["n_latents"]
+        lo, hi = shard_bounds(n, dist.get_world_size(group), dist.get_rank(group))
+        meta, state, _ = serialization.read(directory, device=device, rows=(lo, hi), sliced=SLICED)
+        config = meta["config"]
+        out = cls(config["d_in"], n, config["k"], config["penalties"], mode=mode, auxk=config.get("auxk"),
+                  recon_loss=config["recon_loss"], group=group, input_scale=config.get("input_scale"),
+                  dtype=getattr(torch, meta.get("dtype", "float32")), device=device, **kw)
+        if mode == "topk":
+            state["threshold"] = out.threshold
+        out.load_state_dict(state)
+        return out
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

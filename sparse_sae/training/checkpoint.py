@@ -8,6 +8,15 @@ A checkpoint is a directory ``<out_dir>/checkpoints/step_<N>/`` holding
 - ``trainer_state.pt``: the optimizer state, the step, the data position and the RNG states;
 - ``manifest.json``, written last: each other file's size and sha256.
 
+A latent-parallel run writes its SAE in shards, each process its own slice
+(``sae_weights-<i>-of-<P>.safetensors``, see :mod:`sparse_sae.saes.serialization`), and the
+per-latent optimizer moments likewise (``optimizer-<i>-of-<P>.safetensors``, named
+``<parameter>.<state>``, e.g. ``W_dec.exp_avg``); ``trainer_state.pt`` then holds the rest of the
+optimizer state and ``"optimizer_shards"`` (their ``count`` and row ``bounds``). Nothing is
+gathered on one process, and :func:`read_optimizer_rows` reads back any row range, so a run
+resumes with another number of shards. The processes share the run directory (one node, or a
+shared file system).
+
 It is written under a temporary name and renamed into place; then ``<out_dir>/checkpoints/latest``
 (a one-line file naming it) is replaced atomically. A crash at any point leaves the previous
 checkpoint and ``latest`` intact. Older checkpoints beyond ``keep`` are removed afterwards.
@@ -24,12 +33,12 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from sparse_sae._files import atomic_write
-from sparse_sae.saes import CONFIG_FILE, load
+from sparse_sae.saes import CONFIG_FILE, load, serialization
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -37,6 +46,7 @@ STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "sparse_sae.checkpoint"
+OPTIMIZER_STEM = "optimizer"
 
 
 class Checkpoint(NamedTuple):
@@ -63,17 +73,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, keep: int = 2) -> Path:
-    """Writes the checkpoint of ``step`` and points ``latest`` at it; returns its directory."""
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
+def checkpoint_tmp_dir(out_dir, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is committed (renamed into place)."""
+    return checkpoint_root(out_dir) / f".step_{step:08d}.tmp"
+
+
+def begin_checkpoint(out_dir, step: int) -> Path:
+    """Creates the empty directory the checkpoint of ``step`` is written into; returns it."""
+    tmp = checkpoint_tmp_dir(out_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(out_dir, step: int, tmp: Path, train_config: dict, state: dict, keep: int = 2) -> Path:
+    """Completes ``tmp`` (which holds the SAE's files) with the training configuration, ``state``
+    and the manifest, renames it into place, points ``latest`` at it and prunes older checkpoints
+    beyond ``keep``; returns its directory. A failure removes ``tmp``."""
+    root = checkpoint_root(out_dir)
+    final = root / f"step_{step:08d}"
     try:
-        sae.save(tmp, fold_input_scale=False)
         atomic_write(tmp / TRAIN_CONFIG_FILE, lambda p: p.write_text(json.dumps(train_config, indent=2) + "\n"))
         atomic_write(tmp / STATE_FILE, lambda p: _torch_save(state, p))
         atomic_write(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(_manifest(tmp, step), indent=2) + "\n"))
@@ -88,6 +109,35 @@ def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, ke
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     _prune(root, keep, final.name)
     return final
+
+
+def save_checkpoint(out_dir, step: int, sae, train_config: dict, state: dict, keep: int = 2) -> Path:
+    """Writes the checkpoint of ``step`` and points ``latest`` at it; returns its directory."""
+    tmp = begin_checkpoint(out_dir, step)
+    try:
+        sae.save(tmp, fold_input_scale=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(out_dir, step, tmp, train_config, state, keep)
+
+
+def write_optimizer_shard(ckpt: Path, index: int, count: int, tensors: dict) -> None:
+    """Shard ``index`` of ``count`` of the per-latent optimizer state (``{"W_dec.exp_avg": rows, ...}``)."""
+    serialization.write_tensors(Path(ckpt) / serialization.shard_file_name(index, count, OPTIMIZER_STEM), tensors)
+
+
+def read_optimizer_rows(ckpt: Path, shards: dict, rows: tuple) -> dict:
+    """Rows ``[lo, hi)`` of every tensor of the optimizer shards described by ``shards``
+    (``trainer_state.pt``'s ``"optimizer_shards"``), on the CPU."""
+    count = int(shards["count"])
+    parts = [(Path(ckpt) / serialization.shard_file_name(i, count, OPTIMIZER_STEM), int(a), int(b))
+             for i, (a, b) in enumerate(shards["bounds"])]
+    try:
+        return serialization.read_rows(parts, rows, sliced=None)
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"checkpoint {ckpt}: its optimizer shards are unreadable: {' '.join(str(exc).split())}") \
+            from exc
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -138,15 +188,14 @@ def verify_checkpoint(ckpt) -> str | None:
     return None
 
 
-def _read_checkpoint(ckpt: Path, device) -> Checkpoint:
-
+def _read_checkpoint(ckpt: Path, device, load_sae) -> Checkpoint:
     problem = verify_checkpoint(ckpt)
     if problem is not None:
         raise ValueError(problem)
     try:
         train_config = json.loads((ckpt / TRAIN_CONFIG_FILE).read_text())
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        sae = load(ckpt, device=device)
+        sae = load_sae(ckpt) if load_sae is not None else load(ckpt, device=device)
     except FileNotFoundError as exc:
         raise ValueError(f"checkpoint {ckpt} is incomplete: {exc}") from exc
     except (ValueError, RuntimeError, EOFError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -170,17 +219,19 @@ def _candidates(path: Path) -> list:
     return done
 
 
-def read_checkpoint(path, device=None) -> Checkpoint:
+def read_checkpoint(path, device=None, load_sae: Callable | None = None) -> Checkpoint:
     """The checkpoint at ``path``, checked against its manifest and loaded. ``path`` is a checkpoint
     directory (used as is; an error if damaged) or a run directory: its latest checkpoint, or,
-    when that one is damaged, the newest intact one, with a warning naming what is wrong."""
+    when that one is damaged, the newest intact one, with a warning naming what is wrong.
+    ``load_sae(directory)`` loads the SAE (default: :func:`sparse_sae.load`, the whole SAE, on
+    ``device``; a latent-parallel run reads its slice)."""
     path = Path(path)
     if (path / STATE_FILE).is_file() or (path / MANIFEST_FILE).is_file():
-        return _read_checkpoint(path, device)
+        return _read_checkpoint(path, device, load_sae)
     problems = []
     for ckpt in _candidates(path):
         try:
-            found = _read_checkpoint(ckpt, device)
+            found = _read_checkpoint(ckpt, device, load_sae)
         except ValueError as exc:
             problems.append(str(exc))
             continue

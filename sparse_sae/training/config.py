@@ -190,8 +190,10 @@ class TrainConfig:
     def latents_for(self, d_in: int) -> int:
         return self.n_latents or self.expansion_factor * d_in
 
-    def build_sae(self, d_in: int, input_scale: float | None = None, device=None):
-        """The SAE this config describes, for inputs of width ``d_in``."""
+    def build_sae(self, d_in: int, input_scale: float | None = None, device=None, latent_group=None):
+        """The SAE this config describes, for inputs of width ``d_in``; with ``latent_parallel > 1``
+        this process's :class:`~sparse_sae.saes.sharded.ShardedTopKSAE` slice of it over
+        ``latent_group`` (built alone: the whole SAE is never held)."""
         import torch
 
         penalties = []
@@ -211,6 +213,9 @@ class TrainConfig:
             if self.k > n:
                 raise ValueError(f"k={self.k} exceeds the number of latents {n}")
             auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
+            if self.latent_parallel > 1:
+                return saes.ShardedTopKSAE(d_in, n, self.k, penalties, mode=self.architecture, auxk=auxk,
+                                           group=latent_group, **kwargs)
             if self.architecture == "batchtopk":
                 kwargs["max_k_per_row"] = self.max_k_per_row
             if self.architecture == "matryoshka":

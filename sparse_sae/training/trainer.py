@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -30,9 +31,19 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_sae import ops
-from sparse_sae.saes import BatchTopKSAE, ShardedTopKSAE
+from sparse_sae.saes import BatchTopKSAE, ShardedTopKSAE, load
+from sparse_sae.saes.sharded import SLICED, run_on_every_rank, shard_bounds
 from sparse_sae.training import distributed
-from sparse_sae.training.checkpoint import CHECKPOINTS, read_checkpoint, save_checkpoint
+from sparse_sae.training.checkpoint import (
+    CHECKPOINTS,
+    begin_checkpoint,
+    checkpoint_tmp_dir,
+    commit_checkpoint,
+    read_checkpoint,
+    read_optimizer_rows,
+    save_checkpoint,
+    write_optimizer_shard,
+)
 from sparse_sae.training.config import TrainConfig
 from sparse_sae.training.data import (
     ActivationLoader,
@@ -190,14 +201,15 @@ class Trainer:
             self.sae, state = self._restore(resume)
         elif sae is not None:
             self.sae = sae.to(self.device)
-        else:
+        else:       # under latent parallelism this process builds only its slice
             head = self._finite(self.source.head(32768)) if cfg.normalize_inputs or cfg.init_b_dec else None
             scale = input_scale_for(head) if cfg.normalize_inputs else None
             torch.manual_seed(cfg.seed)
-            self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device)
+            self.sae = cfg.build_sae(self.source.d, input_scale=scale, device=self.device,
+                                     latent_group=self.ctx.latent_group)
             if cfg.init_b_dec:
                 self.sae.init_b_dec_(head.to(self.device, self.sae.W_enc.dtype))
-        if self.ctx.latent_size > 1:      # this process's slice of the latents
+        if self.ctx.latent_size > 1 and not isinstance(self.sae, ShardedTopKSAE):      # a whole SAE given
             self.sae = ShardedTopKSAE.from_full(self.sae, group=self.ctx.latent_group)
         if self.sae.d_in != self.source.d:
             raise ValueError(f"the activation data has width {self.source.d} but the SAE expects "
@@ -219,7 +231,7 @@ class Trainer:
         # check, a host synchronisation per step on a GPU, is not needed here
         self.sae.check_finite = False
         if state is not None:
-            self.optimizer.load_state_dict(self._sharded_optimizer_state(state["optimizer"]))
+            self.optimizer.load_state_dict(self._optimizer_state_for_my_rows(state))
             self.loader.load_state_dict(state["data"])
             self.step = int(state["step"])
             _set_rng_state(state["rng"], self.device)
@@ -253,7 +265,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _restore(self, resume):
-        ckpt = read_checkpoint(resume, device=self.device)
+        # latent parallelism: each process reads only its rows, of a whole or a sharded checkpoint
+        load_sae = ((lambda path: ShardedTopKSAE.load(path, self.ctx.latent_group, self.device))
+                    if self.ctx.latent_size > 1 else (lambda path: load(path, device=self.device)))
+        ckpt = read_checkpoint(resume, load_sae=load_sae)
         sae, saved_cfg, state = ckpt.sae, ckpt.train_config, ckpt.state
         self.last_checkpoint = ckpt.path
         resume = ckpt.path
@@ -273,45 +288,93 @@ class Trainer:
         return sae, state
 
     def state_dict(self) -> dict:
-        """What a checkpoint holds besides the SAE. Under latent parallelism the optimizer state is
-        gathered whole (a collective), so a checkpoint is the same as one process's and resumes with
-        any number of latent shards."""
-        return {"step": self.step, "optimizer": self._whole_optimizer_state(), "data": self.loader.state_dict(),
-                "rng": _rng_state(self.device), "world_size": self.ctx.data_size,
-                "latent_parallel": self.ctx.latent_size}
+        """What a checkpoint holds besides the SAE. Under latent parallelism the per-latent
+        optimizer moments are left out (each process writes its rows to an optimizer shard, see
+        :mod:`sparse_sae.training.checkpoint`) and ``"optimizer_shards"`` says where they are."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.loader.state_dict(),
+                 "rng": _rng_state(self.device), "world_size": self.ctx.data_size,
+                 "latent_parallel": self.ctx.latent_size}
+        if isinstance(self.sae, ShardedTopKSAE):
+            sliced = self._sliced_parameter_indices()
+            optimizer = state["optimizer"]
+            # new dicts: optimizer.state_dict() hands out the live per-parameter state
+            optimizer["state"] = {i: ({k: v for k, v in per_param.items() if i not in sliced or v.dim() == 0})
+                                  for i, per_param in optimizer["state"].items()}
+            sae = self.sae
+            state["optimizer_shards"] = {"count": sae.n_shards,
+                                         "bounds": [shard_bounds(sae.n_latents, sae.n_shards, r)
+                                                    for r in range(sae.n_shards)]}
+        return state
+
+    def _sliced_parameter_indices(self) -> dict:
+        """``{optimizer index: name}`` of the per-latent parameters."""
+        return {i: name for i, (name, _) in enumerate(self.sae.named_parameters()) if name in SLICED}
+
+    def _optimizer_shard(self) -> dict:
+        """This process's rows of the per-latent optimizer moments, ``{"W_dec.exp_avg": ...}``."""
+        names = self._sliced_parameter_indices()
+        return {f"{names[i]}.{k}": v for i, per_param in self.optimizer.state_dict()["state"].items()
+                if i in names for k, v in per_param.items() if v.dim() > 0}
+
+    def _optimizer_state_for_my_rows(self, state: dict) -> dict:
+        """The optimizer state of ``state`` (a checkpoint's) for this process's parameters: its
+        slice of the per-latent moments under latent parallelism, from a whole checkpoint or from
+        the optimizer shards of a sharded one (any number of them)."""
+        optimizer, shards = state["optimizer"], state.get("optimizer_shards")
+        sharded = isinstance(self.sae, ShardedTopKSAE)
+        if shards is None and not sharded:
+            return optimizer
+        rows = (self.sae.lo, self.sae.hi) if sharded else (0, self.sae.n_latents)
+        names = self._sliced_parameter_indices()
+        if shards is not None:
+            moments = read_optimizer_rows(self.last_checkpoint, shards, rows)
+            for key, rows_of in moments.items():
+                name, stat = key.rsplit(".", 1)
+                index = next(i for i, n in names.items() if n == name)
+                optimizer["state"].setdefault(index, {})[stat] = rows_of
+        else:     # a whole checkpoint: cut this process's rows
+            lo, hi = rows
+            optimizer["state"] = {i: ({k: v if v.dim() == 0 else v[lo:hi].clone() for k, v in per_param.items()}
+                                      if int(i) in names else per_param) for i, per_param in optimizer["state"].items()}
+        return optimizer
 
     def whole_sae(self):
-        """The whole SAE: ``self.sae``, or under latent parallelism its slices gathered (a collective)."""
+        """The whole SAE: ``self.sae``, or under latent parallelism its slices gathered (a collective;
+        the whole SAE must then fit one device; checkpoints and ``final/`` are written by shard)."""
         return self.sae.to_full() if isinstance(self.sae, ShardedTopKSAE) else self.sae
 
-    def _whole_optimizer_state(self) -> dict:
-        state = self.optimizer.state_dict()
-        if not isinstance(self.sae, ShardedTopKSAE):
-            return state
-        sliced = {i for i, (name, _) in enumerate(self.sae.named_parameters()) if name != "b_dec"}
-        # new dicts: optimizer.state_dict() hands out the live per-parameter state
-        state["state"] = {i: ({k: v if k == "step" else self.sae.gather_full(v) for k, v in per_param.items()}
-                              if i in sliced else per_param) for i, per_param in state["state"].items()}
-        return state
-
-    def _sharded_optimizer_state(self, state: dict) -> dict:
-        if not isinstance(self.sae, ShardedTopKSAE):
-            return state
-        sliced = {i for i, (name, _) in enumerate(self.sae.named_parameters()) if name != "b_dec"}
-        lo, hi = self.sae.lo, self.sae.hi
-        state["state"] = {i: ({k: v if k == "step" else v[lo:hi].clone() for k, v in per_param.items()}
-                              if int(i) in sliced else per_param) for i, per_param in state["state"].items()}
-        return state
+    def _save_sharded(self, write_shard) -> None:
+        """``write_shard()`` on the processes of data replica 0 (each holds one slice), a collective
+        over every process: a failure anywhere raises everywhere."""
+        run_on_every_rank(lambda: write_shard() if self.ctx.data_rank == 0 else None)
 
     def save_checkpoint(self) -> Path | None:
-        """Writes a checkpoint of the current step (main process only)."""
+        """Writes a checkpoint of the current step (the main process; under latent parallelism every
+        process of data replica 0 writes its shard of the SAE and of the optimizer state)."""
         if self.cfg.out_dir is None:
             return None
         self.check_finite_steps()   # never checkpoint past a skipped, non-finite step
-        sae, state = self.whole_sae(), self.state_dict()     # collectives under latent parallelism
-        if self.ctx.is_main:
-            self.last_checkpoint = save_checkpoint(self.cfg.out_dir, self.step, sae, self.cfg.to_dict(), state,
-                                                   keep=self.cfg.keep_checkpoints)
+        out, step, keep = self.cfg.out_dir, self.step, self.cfg.keep_checkpoints
+        if not isinstance(self.sae, ShardedTopKSAE):
+            if self.ctx.is_main:
+                self.last_checkpoint = save_checkpoint(out, step, self.sae, self.cfg.to_dict(), self.state_dict(),
+                                                       keep=keep)
+        else:
+            tmp = checkpoint_tmp_dir(out, step)
+            run_on_every_rank(lambda: begin_checkpoint(out, step) if self.ctx.is_main else None)
+            try:
+                def write_shard():
+                    self.sae.save(tmp, fold_input_scale=False)
+                    write_optimizer_shard(tmp, self.sae.shard, self.sae.n_shards, self._optimizer_shard())
+                self._save_sharded(write_shard)
+            except BaseException:
+                if self.ctx.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            path = run_on_every_rank(lambda: commit_checkpoint(out, step, tmp, self.cfg.to_dict(), self.state_dict(),
+                                                               keep) if self.ctx.is_main else None)
+            if self.ctx.is_main:
+                self.last_checkpoint = path
         self.checkpoint_step = self.step
         distributed.barrier(self.ctx)
         return self.last_checkpoint
@@ -421,9 +484,11 @@ class Trainer:
             if cfg.out_dir is not None:
                 if self.checkpoint_step != self.step:
                     self.save_checkpoint()
-                whole = self.whole_sae()
-                if self.ctx.is_main:
-                    whole.save(Path(cfg.out_dir) / FINAL_DIR, activations=self.activations)
+                final = Path(cfg.out_dir) / FINAL_DIR
+                if isinstance(self.sae, ShardedTopKSAE):
+                    self._save_sharded(lambda: self.sae.save(final, activations=self.activations))
+                elif self.ctx.is_main:
+                    self.sae.save(final, activations=self.activations)
         finally:
             self.loader.close()
             if flush:
