@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sparse_sae as S
+from sparse_sae import reference as R
 from sparse_sae.saes.sharded import ShardedTopKSAE, shard_bounds
 
 D, F, K, B = 13, 103, 5, 37
@@ -21,8 +22,8 @@ def _whole(case: str, dtype):
     pens = [S.OffSupportL1(0.2), S.L1L2Ratio(0.05)]
     if case == "topk":
         sae = S.TopKSAE(D, F, K, pens, auxk=S.AuxK(0.5, k_aux=7, dead_after_tokens=40), dtype=dtype)
-    else:
-        sae = S.BatchTopKSAE(D, F, K, pens[:1], dtype=dtype)
+    else:      # "batchtopk", or "batchtopk_w": at most WIDTH entries a row (some rows select more)
+        sae = S.BatchTopKSAE(D, F, K, pens[:1], dtype=dtype, max_k_per_row=WIDTH if case == "batchtopk_w" else None)
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.4)
@@ -39,7 +40,8 @@ def _grads(module, x, full=None):
     return out, grads, xr.grad
 
 
-CASES = [("topk", "float64"), ("batchtopk", "float64"), ("topk", "float32")]
+CASES = [("topk", "float64"), ("batchtopk", "float64"), ("batchtopk_w", "float64"), ("topk", "float32")]
+WIDTH = 7
 
 
 def _worker(rank, world, path):
@@ -68,6 +70,10 @@ def _check(rank, world, case, dtype):
         want_set = {(i, int(j)) for i in range(B) for j, v in zip(want.indices[i], want.values[i]) if v > 0}
         assert set().union(*parts) == want_set
         assert torch.equal(sharded.threshold, whole.threshold)
+        if case == "batchtopk_w":    # the width cuts rows: the case tests the cut
+            h = torch.relu((x - whole.b_dec) @ whole.W_enc.T + whole.b_enc)
+            assert int((R.batchtopk_select_ref(h.detach(), K)[0] > 0).sum(1).max()) > WIDTH
+            assert max(len([v for v in row if v > 0]) for row in want.values) == WIDTH
     assert set(got.losses) == set(want.losses)
     for name in want.losses:
         torch.testing.assert_close(got.losses[name], want.losses[name], **tol, msg=name)
@@ -89,7 +95,7 @@ def _check(rank, world, case, dtype):
     stepped = sharded.full_state_dict()
     for name, t in whole.state_dict().items():
         torch.testing.assert_close(stepped[name], t, **tol, msg=f"{name} after a step")
-    if case == "batchtopk":                                  # eval: the learned threshold
+    if case.startswith("batchtopk"):                         # eval: the learned threshold
         whole.eval()
         sharded.eval()
         torch.testing.assert_close(sharded(x).loss, whole(x).loss, **tol)
@@ -174,22 +180,22 @@ def _assert_same_state(got, want):
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_trainer_latent_parallel_equals_one_process_and_reshards_on_resume(tmp_path, arch):
+@pytest.mark.parametrize("arch,extra", [("topk", {}), ("batchtopk", {}), ("batchtopk", {"max_k_per_row": 7})])
+def test_trainer_latent_parallel_equals_one_process_and_reshards_on_resume(tmp_path, arch, extra):
     """4 steps with 4 latent shards equal 4 steps in one process (input scale, b_dec init, penalty
     and learning-rate schedules, AuxK, gradient clipping); a run checkpointed at step 2 by 4 shards
     resumes with 2 shards to the same weights, and the final SAE and checkpoints are whole SAEs."""
     from sparse_sae.training import Trainer
-    one = Trainer(_train_cfg(tmp_path / "one", architecture=arch), _data())
+    one = Trainer(_train_cfg(tmp_path / "one", architecture=arch, **extra), _data())
     one.fit()
     want = one.sae.state_dict()
     built = []
-    _assert_same_state(_run(4, _train_cfg(tmp_path / "p4", architecture=arch, latent_parallel=4), built=built),
+    _assert_same_state(_run(4, _train_cfg(tmp_path / "p4", architecture=arch, **extra, latent_parallel=4), built=built),
                        want)
     assert built and max(built) == shard_bounds(F, 4, 0)[1], built    # rank 0 drew its slice, never all F rows
-    _run(4, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=4, steps=2))
+    _run(4, _train_cfg(tmp_path / "r", architecture=arch, **extra, latent_parallel=4, steps=2))
     _assert_sharded_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000002", 4)
-    got = _run(2, _train_cfg(tmp_path / "r", architecture=arch, latent_parallel=2), resume=str(tmp_path / "r"))
+    got = _run(2, _train_cfg(tmp_path / "r", architecture=arch, **extra, latent_parallel=2), resume=str(tmp_path / "r"))
     _assert_same_state(got, want)
     _assert_sharded_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000004", 2)
     final = S.load(tmp_path / "r" / "final")

@@ -157,8 +157,9 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
     allowed_penalties = (OffSupportL1, L1L2Ratio)
 
     def __init__(self, d_in: int, n_latents: int, k: int, penalties: Sequence[Penalty] = (), *, mode: str = "topk",
-                 auxk: AuxK | None = None, recon_loss: str = "fvu", threshold_momentum: float = 0.01, group=None,
-                 input_scale: float | None = None, dtype=None, device=None):
+                 auxk: AuxK | None = None, recon_loss: str = "fvu", threshold_momentum: float = 0.01,
+                 max_k_per_row: int | None = None, group=None, input_scale: float | None = None, dtype=None,
+                 device=None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ShardedTopKSAE needs an initialised torch.distributed process group")
@@ -180,6 +181,10 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             raise TypeError(f"auxk must be an AuxK or None, got {type(auxk).__name__}")
         self.auxk, self.mode, self.recon_loss = auxk, mode, recon_loss
         self.threshold_momentum = float(threshold_momentum)
+        if max_k_per_row is not None and mode != "batchtopk":
+            raise ValueError("max_k_per_row applies to mode='batchtopk' only")
+        self.max_k_per_row = None if max_k_per_row is None else check_int(max_k_per_row, "max_k_per_row", 1,
+                                                                           n_latents)
         self.input_scale = None if input_scale is None else check_real(input_scale, "input_scale", positive=True)
         self.check_finite = True
         add_sae_parameters(self, self.hi - self.lo, d_in, dtype, device)     # this rank's slice
@@ -213,7 +218,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         """This rank's shard of ``sae`` (a :class:`TopKSAE` or :class:`BatchTopKSAE`)."""
         if type(sae) not in (TopKSAE, BatchTopKSAE):
             raise TypeError(f"from_full takes a TopKSAE or BatchTopKSAE, got {type(sae).__name__}")
-        kw = {"threshold_momentum": sae.threshold_momentum} if isinstance(sae, BatchTopKSAE) else {}
+        kw = ({"threshold_momentum": sae.threshold_momentum, "max_k_per_row": sae.max_k_per_row}
+              if isinstance(sae, BatchTopKSAE) else {})
         out = cls(sae.d_in, sae.n_latents, sae.k, sae.penalties, mode=sae.mode, auxk=sae.auxk,
                   recon_loss=sae.recon_loss, group=group, input_scale=sae.input_scale, dtype=sae.W_enc.dtype,
                   device=sae.W_enc.device, **kw)
@@ -244,7 +250,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
 
     def _whole(self, device) -> TopKSAE:
         """An initialised whole SAE of this one's class and configuration on ``device``."""
-        kw = {"threshold_momentum": self.threshold_momentum} if self.mode == "batchtopk" else {}
+        kw = ({"threshold_momentum": self.threshold_momentum, "max_k_per_row": self.max_k_per_row}
+              if self.mode == "batchtopk" else {})
         return WHOLE_CLASSES[self.mode](self.d_in, self.n_latents, self.k, self.penalties, auxk=self.auxk,
                                         recon_loss=self.recon_loss, input_scale=self.input_scale,
                                         dtype=self.W_enc.dtype, device=device, **kw)
@@ -290,9 +297,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
             raise ValueError(f"{directory} holds a {meta.get('class')}; latent parallelism takes "
                              f"{' or '.join(c.__name__ for c in WHOLE_CLASSES.values())}")
         config = dict(meta["config"])
-        kw = {"threshold_momentum": config.get("threshold_momentum", 0.01)} if mode == "batchtopk" else {}
-        if config.get("max_k_per_row") is not None:
-            raise ValueError(f"{directory}: latent parallelism does not take max_k_per_row yet")
+        kw = ({"threshold_momentum": config.get("threshold_momentum", 0.01),
+               "max_k_per_row": config.get("max_k_per_row")} if mode == "batchtopk" else {})
         n = config["n_latents"]
         lo, hi = shard_bounds(n, dist.get_world_size(group), dist.get_rank(group))
         meta, state, _ = serialization.read(directory, device=device, rows=(lo, hi), sliced=SLICED)
@@ -387,13 +393,24 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
                 selected_min = None
             else:
                 mask, selected_min = self._batch_select(h)
-            packed = ops.select((h.detach() * mask), mode="threshold", threshold=h.new_zeros(Fl), norms=False)
-            indices = packed.indices
-            values = h.gather(1, indices) * (packed.values > 0)
-            global_indices = indices + self.lo
-            n_selected = (values.detach() > 0).sum().reshape(1)
-            dist.all_reduce(n_selected, group=self.group)
-            l0 = n_selected[0].float() / B
+            width = min(self.max_k_per_row or 0, Fl)     # each row's local candidates for the global width
+            packed = ops.select((h.detach() * mask), mode="threshold", threshold=h.new_zeros(Fl), width=width,
+                                norms=False)
+            if self.max_k_per_row:
+                # a row keeps its max_k_per_row largest selected entries: the best of the ranks' own best
+                g_values, global_indices = self._global_topk(packed.values, packed.indices, self.max_k_per_row)
+                indices, mine = self._mine(global_indices)
+                values = h.gather(1, indices) * (mine & (g_values > 0))
+                l0 = (g_values > 0).sum(1).float().mean()
+                if selected_min is not None:     # the threshold estimate sees the kept entries, as the whole SAE's
+                    selected_min = torch.where(g_values > 0, g_values, torch.full_like(g_values, float("inf"))).min()
+            else:
+                indices = packed.indices
+                values = h.gather(1, indices) * (packed.values > 0)
+                global_indices = indices + self.lo
+                n_selected = (values.detach() > 0).sum().reshape(1)
+                dist.all_reduce(n_selected, group=self.group)
+                l0 = n_selected[0].float() / B
         recon = self._sum(ops.sparse_decode(values, indices, self.W_dec, torch.zeros_like(self.b_dec))) + self.b_dec
         losses = {"recon": (reference.fvu_ref if self.recon_loss == "fvu" else reference.mse_ref)(x, recon)}
         fired = reference.fired_counts_ref(values.detach(), indices, Fl)

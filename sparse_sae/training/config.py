@@ -131,8 +131,6 @@ class TrainConfig:
             raise ValueError(f"latent_parallel must be a positive int, got {self.latent_parallel!r}")
         if self.latent_parallel > 1 and self.architecture not in ("topk", "batchtopk"):
             raise ValueError(f"latent_parallel applies to topk and batchtopk, not {self.architecture}")
-        if self.latent_parallel > 1 and self.max_k_per_row is not None:
-            raise ValueError("latent_parallel does not take max_k_per_row yet")
         if self.max_k_per_row is not None and self.architecture != "batchtopk":
             raise ValueError(f"max_k_per_row applies to batchtopk only, not {self.architecture}")
 
@@ -213,11 +211,11 @@ class TrainConfig:
             if self.k > n:
                 raise ValueError(f"k={self.k} exceeds the number of latents {n}")
             auxk = AuxK(self.auxk, dead_after_tokens=self.dead_after_tokens) if self.auxk else None
+            if self.architecture == "batchtopk":
+                kwargs["max_k_per_row"] = self.max_k_per_row
             if self.latent_parallel > 1:
                 return saes.ShardedTopKSAE(d_in, n, self.k, penalties, mode=self.architecture, auxk=auxk,
                                            group=latent_group, **kwargs)
-            if self.architecture == "batchtopk":
-                kwargs["max_k_per_row"] = self.max_k_per_row
             if self.architecture == "matryoshka":
                 return cls(d_in, n, self.k, self.matryoshka_sizes, penalties, auxk=auxk, **kwargs)
             return cls(d_in, n, self.k, penalties, auxk=auxk, **kwargs)
