@@ -42,13 +42,14 @@ BYTES_PER_PARAM = 16       # fp32 master (4) + gradient (4) + Adam moments (8)
 
 def comm_bytes_per_rank(B: int, D: int, k: int, P: int, value_bytes: int = 4) -> int:
     """Bytes each rank sends per step with ring collectives: the candidates' all-gather (values and
-    int64 indices, B x k), the all-reduces of the reconstruction and of the encoder's dL/dx (B x D
-    each) and of the row norms (3 x B)."""
+    int64 indices, B x k), the all-reduces of the reconstruction (B x D), of the row norms and the
+    selected sums (3 x B) and of the encoder's dL/db_dec (D; the training input needs no gradient,
+    so no B x D dL/dx)."""
     if P == 1:
         return 0
     ring = 2 * (P - 1) / P
     gather = (P - 1) * B * k * (value_bytes + 8)
-    return int(gather + ring * (2 * B * D * value_bytes + 3 * B * 4))
+    return int(gather + ring * (B * D * value_bytes + 3 * B * 4 + D * 4))
 
 
 def per_rank_memory_gb(D: int, F: int, B: int, P: int) -> float:
@@ -196,8 +197,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for r in rows:
         # what each rank hands to the collectives (the model above counts what crosses a ring):
-        # candidates' values and indices (B x k), the reconstruction and dL/dx (B x D), 3 row norms
-        handed = 12 * B * k + 8 * B * D + 12 * B
+        # candidates' values and indices (B x k), the reconstruction (B x D), 3 row sums, dL/db_dec
+        handed = 12 * B * k + 4 * B * D + 12 * B + 4 * D
         print(f"| {r['P']} | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | "
               f"{r['bytes_per_rank'] / 1e3:.0f} | {handed / 1e3:.0f} |")
     print(f"| whole TopKSAE, 1 process (fused kernels) | {whole['median_ms']:.1f} ({whole['p20_ms']:.1f}-"

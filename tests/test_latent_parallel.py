@@ -302,3 +302,21 @@ def test_sharded_save_reads_back_whole_and_by_rows(tmp_path):
     (tmp_path / "sh" / "sae_weights-00002-of-00003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="sae_weights-00002-of-00003.safetensors"):
         S.load(tmp_path / "sh")
+
+
+def test_sharded_plain_topk_keeps_no_batch_by_latent_tensor(tmp_path):
+    """On one gloo process: the backward of a sharded plain Top-k saves nothing B x F (the fused
+    penalty kernel needs h only for the penalties, and then it is saved once)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(3))
+        for penalties, want in (((), 0), ((S.OffSupportL1(0.1), S.L1L2Ratio(0.1)), 1)):
+            sae = ShardedTopKSAE(D, F, K, penalties)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+                out = sae(x)
+            out.loss.backward()
+            assert sum(shape == (B, F) for shape in saved) == want, saved
+            assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()

@@ -162,6 +162,18 @@ class TrainableSAE:
             seen.add(p.name)
         return penalties
 
+    @staticmethod
+    def _autocast(*tensors):
+        """The tensors in the autocast dtype when autocast is on for their device (float32 ones
+        only): autocast does not cast the inputs of ``torch.library`` custom ops, so the module
+        does, and the kernels then run in bf16/fp16 with fp32 accumulation. Parameters stay
+        float32 (master weights); their gradients come back through the cast in float32."""
+        device = tensors[0].device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return tensors
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
+
     def penalty(self, cls):
         """The configured penalty of type ``cls``, or None."""
         return next((p for p in self.penalties if isinstance(p, cls)), None)
@@ -239,18 +251,6 @@ class SparseAutoencoder(TrainableSAE, nn.Module):
         if self.check_inputs and not torch.compiler.is_compiling():
             check_activations(x, self.d_in, self.W_enc, check_finite=self.check_finite)
         return x * self.input_scale if self.input_scale is not None else x
-
-    @staticmethod
-    def _autocast(*tensors):
-        """The tensors in the autocast dtype when autocast is on for their device (float32 ones
-        only): autocast does not cast the inputs of ``torch.library`` custom ops, so the module
-        does, and the kernels then run in bf16/fp16 with fp32 accumulation. Parameters stay
-        float32 (master weights); their gradients come back through the cast in float32."""
-        device = tensors[0].device.type
-        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return tensors
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
 
     def _unscale(self, recon):
         return recon / self.input_scale if self.input_scale is not None else recon

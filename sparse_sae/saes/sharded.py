@@ -21,8 +21,9 @@ Rank ``r`` of ``P`` holds the contiguous slice ``[lo, hi)`` of the ``F`` latents
 
 The result equals one process on the same batch and weights: the same selected indices, the
 losses and every gradient to float rounding (``tests/test_latent_parallel.py``: 1e-12 relative
-in float64 for P = 2 and 4). Penalty gradients on a slice run by autograd through the slice's
-``B x F/P`` pre-activations (not yet through the fused ``topk_code`` node).
+in float64 for P = 2 and 4). The slice's encoder backward is the fused ``ops.penalty_backward``
+kernel with the global row norms (:class:`_ShardedCode`), as ``ops.topk_code`` runs it for a
+whole SAE: no ``B x F/P`` gradient is held, and plain Top-k keeps no ``B x F/P`` tensor.
 
 The trainer builds one per process with ``latent_parallel`` (``--latent-parallel``) on the
 ``data x latent`` mesh of :mod:`sparse_sae.training.distributed`.
@@ -48,7 +49,7 @@ from sparse_sae.saes.base import (
     draw_init_seed,
     init_decoder_rows,
 )
-from sparse_sae.saes.topk import BatchTopKSAE, TopKSAE, next_threshold
+from sparse_sae.saes.topk import PAPER_TERMS, BatchTopKSAE, TopKSAE, next_threshold
 
 MODES = ("topk", "batchtopk")
 WHOLE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
@@ -75,22 +76,6 @@ class _SumOverShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
-
-
-class _SumGradsOverShards(torch.autograd.Function):
-    """Identity whose backward sums the gradient over ranks: a replicated tensor that each rank
-    feeds into its own slice's computation (the centred input of the encoder)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
         return g, None
 
 
@@ -122,6 +107,64 @@ def run_on_every_rank(fn, group=None):
     if int(failed):
         raise RuntimeError(f"{int(failed)} other process(es) failed; see their errors")
     return result
+
+
+class _ShardedCode(torch.autograd.Function):
+    """One slice's code and its share of the paper's penalties, as ``ops.topk_code`` computes them
+    for a whole SAE: forward takes the slice's pre-activations ``h`` and the global selection on
+    it; the row norms ``n1``, ``n2`` over ``A`` and the selected sum are one all-reduce of ``3 x B``
+    numbers. Backward is ``ops.penalty_backward`` on the slice with the global norms (the fused
+    kernel: no ``B x F/P`` gradient is ever held), and the encoder's shares of ``dL/dx`` and
+    ``dL/db_dec`` summed over the shards. Without penalties (``active`` None) nothing ``B x F/P``
+    is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, h, loc, keep, aux_loc, aux_keep, active, ratio_eps, group):
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        values = torch.where(keep, h.gather(1, loc), zero)
+        aux_values = torch.where(aux_keep, h.gather(1, aux_loc), zero)
+        acc = reference.acc_dtype(h.dtype)
+        B = x.shape[0]
+        if active is not None:
+            hA = h.to(acc) * active
+            sums = torch.stack([hA.sum(1), hA.square().sum(1), values.to(acc).sum(1)])
+            dist.all_reduce(sums, group=group)
+            n1, n2, picked = sums[0], sums[1].sqrt(), sums[2]
+            r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, picked[:, None], ratio_eps)
+        else:
+            n1 = n2 = torch.zeros(B, dtype=acc, device=h.device)
+            r_off = r_ratio = torch.zeros((), dtype=acc, device=h.device)
+        ctx.ratio_eps, ctx.group, ctx.penalized = ratio_eps, group, active is not None
+        ctx.save_for_backward(x, W_enc, b_dec, h if active is not None else None, values, loc, aux_values, aux_loc,
+                              active if active is not None else torch.zeros(W_enc.shape[0], dtype=torch.bool,
+                                                                           device=h.device), n1, n2)
+        ctx.set_materialize_grads(False)
+        return values, aux_values, r_off, r_ratio
+
+    @staticmethod
+    def backward(ctx, g_values, g_aux_values, g_off, g_ratio):
+        x, W_enc, b_dec, h, values, loc, aux_values, aux_loc, active, n1, n2 = ctx.saved_tensors
+        if not ctx.penalized:
+            g_off = g_ratio = None
+        B = x.shape[0]
+        coef_off = g_off / B if g_off is not None else None
+        coef_ratio = g_ratio / B if g_ratio is not None else None
+        # as ops.topk_code: the support is excluded from R_off; entries not kept carry nothing
+        sp_grad = torch.zeros_like(values, dtype=n1.dtype) if g_values is None else g_values.to(n1.dtype)
+        if coef_off is not None:
+            sp_grad = sp_grad - coef_off
+        sp_grad, sp_indices = sp_grad * (values > 0), loc
+        if aux_values.shape[1] > 0 and g_aux_values is not None:
+            sp_grad = torch.cat([sp_grad, g_aux_values.to(n1.dtype) * (aux_values > 0)], dim=1)
+            sp_indices = torch.cat([loc, aux_loc], dim=1)
+        need_dx = ctx.needs_input_grad[0]
+        dW_enc, db_enc, db_dec, dx = ops.penalty_backward(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
+                                                          coef_off, coef_ratio, ctx.ratio_eps, need_dx)
+        shared = torch.cat([db_dec.reshape(-1), dx.reshape(-1)])    # one all-reduce of the encoder's shares
+        dist.all_reduce(shared, group=ctx.group)
+        db_dec = shared[:b_dec.numel()].view_as(b_dec)
+        dx = shared[b_dec.numel():].view_as(x) if need_dx else None
+        return dx, dW_enc, db_enc, db_dec, None, None, None, None, None, None, None, None
 
 
 def _all_gather(t: torch.Tensor, group) -> list:
@@ -375,59 +418,28 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         check_activations(x, self.d_in, self.W_enc, check_finite=self.check_finite)
         x = x * self.input_scale if self.input_scale is not None else x
         B, Fl = x.shape[0], self.hi - self.lo
-        xc = _SumGradsOverShards.apply(x - self.b_dec, self.group)     # each rank's encoder adds to dL/dx
-        h = torch.relu(xc @ self.W_enc.T + self.b_enc)                    # B x F/P
-        use_threshold = self.mode == "batchtopk" and not self.training and float(self.threshold) >= 0
-        if self.mode == "topk":
-            sel = ops.select(h.detach(), self.k, "topk", norms=False)
-            g_values, g_idx = self._global_topk(sel.values, sel.indices, self.k)
-            loc, mine = self._mine(g_idx)
-            values = h.gather(1, loc) * mine
-            indices = loc
-            global_indices = g_idx
-            selected_min = None
-            l0 = (g_values > 0).sum(1).float().mean()
-        else:
-            if use_threshold:
-                mask = h.detach() > self.threshold.to(h.dtype)
-                selected_min = None
-            else:
-                mask, selected_min = self._batch_select(h)
-            width = min(self.max_k_per_row or 0, Fl)     # each row's local candidates for the global width
-            packed = ops.select((h.detach() * mask), mode="threshold", threshold=h.new_zeros(Fl), width=width,
-                                norms=False)
-            if self.max_k_per_row:
-                # a row keeps its max_k_per_row largest selected entries: the best of the ranks' own best
-                g_values, global_indices = self._global_topk(packed.values, packed.indices, self.max_k_per_row)
-                indices, mine = self._mine(global_indices)
-                values = h.gather(1, indices) * (mine & (g_values > 0))
-                l0 = (g_values > 0).sum(1).float().mean()
-                if selected_min is not None:     # the threshold estimate sees the kept entries, as the whole SAE's
-                    selected_min = torch.where(g_values > 0, g_values, torch.full_like(g_values, float("inf"))).min()
-            else:
-                indices = packed.indices
-                values = h.gather(1, indices) * (packed.values > 0)
-                global_indices = indices + self.lo
-                n_selected = (values.detach() > 0).sum().reshape(1)
-                dist.all_reduce(n_selected, group=self.group)
-                l0 = n_selected[0].float() / B
-        recon = self._sum(ops.sparse_decode(values, indices, self.W_dec, torch.zeros_like(self.b_dec))) + self.b_dec
+        xa, W_enc, b_enc, b_dec_a, W_dec = self._autocast(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+        with torch.no_grad():      # no graph through h: _ShardedCode's backward is the fused kernel
+            h = ops.encode(xa, W_enc, b_enc, b_dec_a)                     # B x F/P
+        loc, keep, global_indices, l0, selected_min = self._selection(h)
+        fired = reference.fired_counts_ref(h.gather(1, loc) * keep, loc, Fl)
+        ratio = self.penalty(L1L2Ratio)
+        # A on this slice from the global selection (over the data replicas too, in training)
+        active = ops.batch_active(fired > 0) if any(p.name in PAPER_TERMS for p in self.penalties) else None
+        dead = self.tokens_since_fired >= self.auxk.dead_after_tokens if self.auxk and self.training else None
+        aux_loc, aux_keep = self._auxk_candidates(h, dead)
+        values, aux_values, r_off, r_ratio = _ShardedCode.apply(
+            xa, W_enc, b_enc, b_dec_a, h, loc, keep, aux_loc, aux_keep, active,
+            ratio.eps if ratio else reference.RATIO_EPS, self.group)
+        recon = self._sum(ops.sparse_decode(values, loc, W_dec, torch.zeros_like(b_dec_a))) + self.b_dec
         losses = {"recon": (reference.fvu_ref if self.recon_loss == "fvu" else reference.mse_ref)(x, recon)}
-        fired = reference.fired_counts_ref(values.detach(), indices, Fl)
-        if self.penalties:
-            active = ops.batch_active(fired > 0)     # A on this slice (over the data replicas too, in training)
-            hA = h.to(reference.acc_dtype(h.dtype)) * active
-            n1 = self._sum(hA.sum(1))
-            sq = self._sum(hA.square().sum(1))
-            n2 = torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0)
-            picked = self._sum(values.to(n1.dtype).sum(1, keepdim=True))
-            ratio = self.penalty(L1L2Ratio)
-            r_off, r_ratio = reference.penalty_values_from_norms(n1, n2, picked, ratio.eps if ratio else
-                                                                 reference.RATIO_EPS)
-            terms = {OffSupportL1.name: r_off, L1L2Ratio.name: r_ratio}
-            losses.update({p.name: terms[p.name] for p in self.penalties})
-        if self.auxk is not None and self.training:
-            losses["auxk"] = self._auxk_loss(x, recon, h)
+        terms = {OffSupportL1.name: r_off, L1L2Ratio.name: r_ratio}
+        losses.update({p.name: terms[p.name] for p in self.penalties})
+        if dead is not None:
+            e_hat = self._sum(ops.sparse_decode(aux_values, aux_loc, W_dec, torch.zeros_like(b_dec_a)))
+            any_dead = dead.any().to(torch.int32)
+            dist.all_reduce(any_dead, op=dist.ReduceOp.MAX, group=self.group)
+            losses["auxk"] = reference.auxk_loss_from_residual((x - recon).detach(), e_hat, any_dead.bool())
         if self.training:
             with torch.no_grad():
                 self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + B))
@@ -439,19 +451,50 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         out.loss = self.loss(out)
         return out
 
-    def _auxk_loss(self, x, recon, h):
-        dead = self.tokens_since_fired >= self.auxk.dead_after_tokens
+    @torch.no_grad()
+    def _selection(self, h):
+        """The global selection's entries on this slice: ``(loc, keep, global_indices, l0, selected_min)``
+        with ``loc`` local indices (``B x width``), ``keep`` the entries this rank holds and selects,
+        ``l0`` the whole code's mean row count, ``selected_min`` BatchTopK's smallest selected value
+        in training (None otherwise)."""
+        B, Fl = h.shape
+        if self.mode == "topk":
+            sel = ops.select(h, self.k, "topk", norms=False)
+            g_values, global_indices = self._global_topk(sel.values, sel.indices, self.k)
+            loc, mine = self._mine(global_indices)
+            return loc, mine & (g_values > 0), global_indices, (g_values > 0).sum(1).float().mean(), None
+        if not self.training and float(self.threshold) >= 0:       # eval: the learned threshold
+            mask, selected_min = h > self.threshold.to(h.dtype), None
+        else:
+            mask, selected_min = self._batch_select(h)
+        width = min(self.max_k_per_row or 0, Fl)     # each row's local candidates for the global width
+        packed = ops.select(h * mask, mode="threshold", threshold=h.new_zeros(Fl), width=width, norms=False)
+        if not self.max_k_per_row:
+            keep = packed.values > 0
+            n_selected = keep.sum().reshape(1)
+            dist.all_reduce(n_selected, group=self.group)
+            return packed.indices, keep, packed.indices + self.lo, n_selected[0].float() / B, selected_min
+        # a row keeps its max_k_per_row largest selected entries: the best of the ranks' own best
+        g_values, global_indices = self._global_topk(packed.values, packed.indices, self.max_k_per_row)
+        loc, mine = self._mine(global_indices)
+        if selected_min is not None:     # the threshold estimate sees the kept entries, as the whole SAE's
+            selected_min = torch.where(g_values > 0, g_values, torch.full_like(g_values, float("inf"))).min()
+        return loc, mine & (g_values > 0), global_indices, (g_values > 0).sum(1).float().mean(), selected_min
+
+    @torch.no_grad()
+    def _auxk_candidates(self, h, dead):
+        """AuxK's global candidates on this slice, ``(loc, keep)`` as in :meth:`_selection` (``B x 0``
+        without AuxK)."""
+        if dead is None:
+            empty = torch.zeros(h.shape[0], 0, dtype=torch.int64, device=h.device)
+            return empty, empty.bool()
         k_aux = self.auxk.width(self.d_in, self.n_latents)
         # the candidates as reference.auxk_select_ref picks them (h >= 0: live latents sort last)
-        masked = torch.where(dead, h.detach(), torch.full_like(h, -1.0))
+        masked = torch.where(dead, h, torch.full_like(h, -1.0))
         lv, li = reference.topk_select_ref(masked, min(k_aux, h.shape[1]))
         _, g_idx = self._global_topk(lv, li, k_aux)
         loc, mine = self._mine(g_idx)
-        aux_values = h.gather(1, loc) * (mine & dead[loc])
-        e_hat = self._sum(ops.sparse_decode(aux_values, loc, self.W_dec, torch.zeros_like(self.b_dec)))
-        any_dead = dead.any().to(torch.int32)
-        dist.all_reduce(any_dead, op=dist.ReduceOp.MAX, group=self.group)
-        return reference.auxk_loss_from_residual((x - recon).detach(), e_hat, any_dead.bool())
+        return loc, mine & dead[loc]
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, mode={self.mode}, "
