@@ -82,23 +82,32 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_h, g_values, g_indices, g_aux_values, g_aux_indices, g_off, g_ratio, *_):
-    x, W_enc, b_dec, h, values, indices, aux_values, aux_indices, active, n1, n2 = ctx.saved_tensors
-    if not ctx.penalized:   # the penalty outputs are constant zeros then: no gradient of theirs
-        g_off = g_ratio = None
-    B = x.shape[0]
+def code_backward_terms(values, indices, aux_values, aux_indices, g_values, g_aux_values, g_off, g_ratio,
+                        acc_dtype):
+    """What ``penalty_backward`` takes from the upstream gradients of a code: ``(coef_off,
+    coef_ratio, sp_indices, sp_grad)``, the penalty coefficients divided by ``B`` (None for an
+    absent term) and the sparse part as ``dL/dz``: the support is excluded from ``R_off``, and
+    entries with value 0 (unselected, or AuxK picks that are not dead) carry nothing."""
+    B = values.shape[0]
     coef_off = g_off / B if g_off is not None else None
     coef_ratio = g_ratio / B if g_ratio is not None else None
-    # Sparse part, as dL/dz: the support is excluded from R_off, and entries with h = 0
-    # (or AuxK picks that are not dead) carry nothing.
-    sp_grad = torch.zeros_like(values, dtype=n1.dtype) if g_values is None else g_values.to(n1.dtype)
+    sp_grad = torch.zeros_like(values, dtype=acc_dtype) if g_values is None else g_values.to(acc_dtype)
     if coef_off is not None:
         sp_grad = sp_grad - coef_off
     sp_grad = sp_grad * (values > 0)
     sp_indices = indices
     if aux_values.shape[1] > 0 and g_aux_values is not None:
-        sp_grad = torch.cat([sp_grad, g_aux_values.to(n1.dtype) * (aux_values > 0)], dim=1)
+        sp_grad = torch.cat([sp_grad, g_aux_values.to(acc_dtype) * (aux_values > 0)], dim=1)
         sp_indices = torch.cat([indices, aux_indices], dim=1)
+    return coef_off, coef_ratio, sp_indices, sp_grad
+
+
+def _backward(ctx, g_h, g_values, g_indices, g_aux_values, g_aux_indices, g_off, g_ratio, *_):
+    x, W_enc, b_dec, h, values, indices, aux_values, aux_indices, active, n1, n2 = ctx.saved_tensors
+    if not ctx.penalized:   # the penalty outputs are constant zeros then: no gradient of theirs
+        g_off = g_ratio = None
+    coef_off, coef_ratio, sp_indices, sp_grad = code_backward_terms(
+        values, indices, aux_values, aux_indices, g_values, g_aux_values, g_off, g_ratio, n1.dtype)
     need_dx = ctx.needs_input_grad[0]
     dW_enc, db_enc, db_dec, dx = penalty_backward(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                                   coef_off, coef_ratio, ctx.ratio_eps, need_dx)

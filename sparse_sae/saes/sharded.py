@@ -39,6 +39,7 @@ from torch import nn
 from sparse_sae import ops, reference
 from sparse_sae._checks import check_activations, check_int, check_real
 from sparse_sae.geometric_median import geometric_median
+from sparse_sae.ops.topk_code import code_backward_terms
 from sparse_sae.penalties import AuxK, L1L2Ratio, OffSupportL1, Penalty
 from sparse_sae.saes import serialization
 from sparse_sae.saes.base import (
@@ -146,17 +147,8 @@ class _ShardedCode(torch.autograd.Function):
         x, W_enc, b_dec, h, values, loc, aux_values, aux_loc, active, n1, n2 = ctx.saved_tensors
         if not ctx.penalized:
             g_off = g_ratio = None
-        B = x.shape[0]
-        coef_off = g_off / B if g_off is not None else None
-        coef_ratio = g_ratio / B if g_ratio is not None else None
-        # as ops.topk_code: the support is excluded from R_off; entries not kept carry nothing
-        sp_grad = torch.zeros_like(values, dtype=n1.dtype) if g_values is None else g_values.to(n1.dtype)
-        if coef_off is not None:
-            sp_grad = sp_grad - coef_off
-        sp_grad, sp_indices = sp_grad * (values > 0), loc
-        if aux_values.shape[1] > 0 and g_aux_values is not None:
-            sp_grad = torch.cat([sp_grad, g_aux_values.to(n1.dtype) * (aux_values > 0)], dim=1)
-            sp_indices = torch.cat([loc, aux_loc], dim=1)
+        coef_off, coef_ratio, sp_indices, sp_grad = code_backward_terms(
+            values, loc, aux_values, aux_loc, g_values, g_aux_values, g_off, g_ratio, n1.dtype)
         need_dx = ctx.needs_input_grad[0]
         dW_enc, db_enc, db_dec, dx = ops.penalty_backward(x, W_enc, b_dec, h, active, n1, n2, sp_indices, sp_grad,
                                                           coef_off, coef_ratio, ctx.ratio_eps, need_dx)
