@@ -90,9 +90,11 @@ def test_package_imports_without_triton():
 # ----------------------------------------------------------------------------- encode
 @kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,D,F", [(1, 70, 3), (67, 45, 130), (130, 129, 65)])
+@pytest.mark.parametrize("B,D,F", [(1, 70, 3), (67, 45, 130), (130, 129, 65), (200, 64, 300)])
 @pytest.mark.parametrize("relu", [True, False])
 def test_encode(gen, dtype, B, D, F, relu):
+    """Shapes with 1-4 row tiles and 1-5 column tiles: tile groups of 2 in the interpreter, the
+    last one short or whole."""
     from sparse_sae.triton_kernels.encode import encode
     x, W, b_enc, b_dec = rand(gen, B, D), rand(gen, F, D) / D ** 0.5, rand(gen, F, scale=0.3), rand(gen, D, scale=0.5)
     x, W, b_enc, b_dec = _to(dtype, x, W, b_enc, b_dec)
@@ -350,6 +352,30 @@ def test_penalty_gemm_configs_do_not_spill(cc, dtype, index):
                           SPARSE_STEPS=sparse_steps, SCALE_G=dtype == "fp16")
             k = _compile_for(pb.penalty_grad_gemm_kernel, types, consts, c.num_warps, c.num_stages, cc=cc)
             assert _spill_stores(k.asm["ptx"], cc) == 0, (c, sparse_steps, precision)
+
+
+def _encode_config_cases():
+    from sparse_sae.triton_kernels.encode import ampere_configs, fp32_configs, hopper_configs
+    return ([(90, "bf16", i) for i in range(len(hopper_configs()))] + [(80, "bf16", i) for i in range(len(ampere_configs()))]
+            + [(90, "fp32", i) for i in range(len(fp32_configs()))])
+
+
+@pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
+@pytest.mark.parametrize("cc,dtype,index", _encode_config_cases())
+def test_encode_configs_compile_pipelined_without_spills(cc, dtype, index):
+    """Every autotune config of the encoder (grouped tile order included) compiles with a
+    pipelined K loop, tensor-core instructions for half types and no register spill stores."""
+    from sparse_sae.triton_kernels import encode as enc
+    configs = {90: enc.hopper_configs(), 80: enc.ampere_configs()}[cc] if dtype != "fp32" else enc.fp32_configs()
+    c = configs[index]
+    types = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "b_enc_ptr", "b_dec_ptr", "h_ptr")}
+    types.update({n: "i32" for n in ("B", "F", "D", "stride_x", "stride_w", "stride_h")})
+    k = _compile_for(enc.encode_kernel, types, dict(RELU=True, PRECISION="ieee", UPCAST=False, **c.kwargs),
+                     c.num_warps, c.num_stages, cc=cc)
+    if dtype != "fp32":
+        assert ("wgmma.mma_async" if cc == 90 else "mma.sync") in k.asm["ptx"]
+    assert "async_copy_global_to_local" in k.asm["ttgir"], "the K loop is not pipelined"
+    assert _spill_stores(k.asm["ptx"], cc) == 0, c
 
 
 @pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation, not the interpreter")
