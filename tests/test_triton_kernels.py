@@ -391,7 +391,7 @@ def test_decoder_kernels_compile_for_sm90():
                                                         "stride_w": i32}, dict(BJ=32, BD=256))
     assert k.asm["cubin"]
     k = _compile_for(sd.accumulate_by_latent_kernel, {"start_ptr": "*i64", "entry_ptr": "*i64", "val_ptr": "*fp32",
-                                               "src_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*bf16", "D": i32,
-                                               "WIDTH": i32, "stride_src": i32, "stride_out": i32},
-                      dict(HAS_SUM=True, BE=16, BD=512))
+                                               "src_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*bf16", "F": i32,
+                                               "D": i32, "WIDTH": i32, "stride_src": i32, "stride_out": i32},
+                      dict(HAS_SUM=True, BL=8, BE=16, BD=512))
     assert k.asm["cubin"]

@@ -5,8 +5,9 @@ and its backward, in Triton.
 - ``d_values[i, j] = grad[i] . W_dec[indices[i, j]]``: one row and a block of its entries per
   program, reduced over ``D`` in fp32;
 - ``dW_dec[l] = sum over the entries e of latent l of values[e] * grad[row(e)]``: grouped by
-  latent (the CSC order of ``sparse_sae.ops.group_by_latent``), one latent and one ``D``
-  block per program, summed in a fixed order: deterministic, no ``B x k x D``
+  latent (the CSC order of ``sparse_sae.ops.group_by_latent``), ``BL`` consecutive latents
+  and one ``D`` block per program (most latents have few entries: a program per latent would
+  be mostly launch cost), summed in a fixed order: deterministic, no ``B x k x D``
   intermediate, no atomics. Plain Top-k's encoder backward reuses this kernel.
 """
 from __future__ import annotations
@@ -85,34 +86,37 @@ def accumulate_by_latent_kernel(
     # pointers: CSC offsets (F + 1) and entry ids, the entries' values, source rows, output
     start_ptr, entry_ptr, val_ptr, src_ptr, out_ptr, sum_ptr,
     # sizes
-    D, WIDTH,
+    F, D, WIDTH,
     # strides
     stride_src, stride_out,
     # meta-parameters
-    HAS_SUM: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
+    HAS_SUM: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
 ):
     """``out[l] = sum_e val[e] * src[e // WIDTH]`` over the entries ``e`` of latent ``l``; with
     ``HAS_SUM``, also ``sum_ptr[l] = sum_e val[e]`` (written by the first ``D`` block)."""
-    lat = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * BL
     pid_d = tl.program_id(1)
     rd = pid_d * BD + tl.arange(0, BD)
     d_ok = rd < D
-    lo = tl.load(start_ptr + lat)
-    hi = tl.load(start_ptr + lat + 1)
-    acc = tl.zeros((BD,), dtype=tl.float32)
-    vsum = tl.zeros((BE,), dtype=tl.float32)
-    for e0 in range(lo, hi, BE):
-        re = e0 + tl.arange(0, BE)
-        e_ok = re < hi
-        ent = tl.load(entry_ptr + re, mask=e_ok, other=0)
-        v = tl.load(val_ptr + ent, mask=e_ok, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + (ent // WIDTH)[:, None] * stride_src + rd[None, :],
-                      mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(v[:, None] * src.to(tl.float32), axis=0)
-        vsum += v
-    tl.store(out_ptr + lat * stride_out + rd, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
-    if HAS_SUM and pid_d == 0:
-        tl.store(sum_ptr + lat, tl.sum(vsum, axis=0).to(sum_ptr.dtype.element_ty))
+    for t in range(BL):
+        lat = first + t
+        if lat < F:
+            lo = tl.load(start_ptr + lat)
+            hi = tl.load(start_ptr + lat + 1)
+            acc = tl.zeros((BD,), dtype=tl.float32)
+            vsum = tl.zeros((BE,), dtype=tl.float32)
+            for e0 in range(lo, hi, BE):
+                re = e0 + tl.arange(0, BE)
+                e_ok = re < hi
+                ent = tl.load(entry_ptr + re, mask=e_ok, other=0)
+                v = tl.load(val_ptr + ent, mask=e_ok, other=0.0).to(tl.float32)
+                src = tl.load(src_ptr + (ent // WIDTH)[:, None] * stride_src + rd[None, :],
+                              mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+                acc += tl.sum(v[:, None] * src.to(tl.float32), axis=0)
+                vsum += v
+            tl.store(out_ptr + lat * stride_out + rd, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+            if HAS_SUM and pid_d == 0:
+                tl.store(sum_ptr + lat, tl.sum(vsum, axis=0).to(sum_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -137,11 +141,12 @@ def accumulate_by_latent(start: torch.Tensor, entries: torch.Tensor, vals: torch
     F, D = out.shape
     if F == 0 or D == 0:
         return
-    BE, BD = (64, _blocks(D, 128)) if interpreting() else (16, _blocks(D, 512))
-    grid = (F, triton.cdiv(D, BD))
+    # 8 latents a program on a GPU; 3 in the interpreter, so that tests' F leave a short last block
+    BL, BE, BD = (3, 64, _blocks(D, 128)) if interpreting() else (8, 16, _blocks(D, 512))
+    grid = (triton.cdiv(F, BL), triton.cdiv(D, BD))
     accumulate_by_latent_kernel[grid](start, entries, vals, src, out, sums if sums is not None else out,
-                              D, width, src.stride(0), out.stride(0), HAS_SUM=sums is not None,
-                              BE=BE, BD=BD, num_warps=4)
+                                      F, D, width, src.stride(0), out.stride(0), HAS_SUM=sums is not None,
+                                      BL=BL, BE=BE, BD=BD, num_warps=4)
 
 
 def sparse_decode_backward(grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
