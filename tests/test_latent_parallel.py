@@ -249,6 +249,8 @@ def test_sharded_checkpoint_resumes_in_one_process_and_after_a_kill(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="optimizer-00001-of-00002.safetensors does not match its sha256"):
         assert read_checkpoint(tmp_path / "w").path.name == "step_00000002"
+    # 2 processes, each hashing half the files (rank 0 this one), both fall back to step 2
+    _assert_same_state(_run(2, _train_cfg(tmp_path / "w", latent_parallel=2), resume=str(tmp_path / "w")), want)
 
 
 def test_trainer_data_by_latent_mesh_equals_data_parallel(tmp_path):

@@ -234,6 +234,21 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cut_run, data,
                                                                      read_metrics(full / "metrics.jsonl")]
 
 
+def test_processes_checking_a_checkpoint_together_find_the_damage_once(cut_run):
+    """verify_checkpoint(share=(i, n)): the n shares hash every file once between them, so exactly
+    one of them reports a flipped byte; a truncated file is seen by all (sizes are always checked)."""
+    from sparse_sae.training.checkpoint import verify_checkpoint
+    _, cut = cut_run
+    ckpt = latest_checkpoint(cut)
+    assert all(verify_checkpoint(ckpt, share=(i, 3)) is None for i in range(3))
+    _flip_last_byte(ckpt / "sae_weights.safetensors")
+    found = [verify_checkpoint(ckpt, share=(i, 3)) for i in range(3)]
+    assert sum(p is not None and "does not match its sha256" in p for p in found) == 1, found
+    _flip_last_byte(ckpt / "sae_weights.safetensors")       # undone
+    _truncate(ckpt / "trainer_state.pt")
+    assert all("bytes, the manifest says" in verify_checkpoint(ckpt, share=(i, 3)) for i in range(3))
+
+
 def test_the_cli_warns_in_one_line_and_reports_every_damage(cut_run, data, capsys):
     _, cut = cut_run
     np.save(cut.parent / "acts.npy", data.numpy())

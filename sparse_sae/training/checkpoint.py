@@ -161,10 +161,12 @@ def _manifest(ckpt: Path, step: int) -> dict:
     return {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
 
 
-def verify_checkpoint(ckpt) -> str | None:
+def verify_checkpoint(ckpt, share: tuple[int, int] | None = None) -> str | None:
     """What is wrong with checkpoint directory ``ckpt`` against its manifest (a file missing, of the
     wrong size or with the wrong sha256), or None when it is intact. A checkpoint written before
-    manifests existed has nothing to check against: None (loading it is the test)."""
+    manifests existed has nothing to check against: None (loading it is the test).
+    ``share=(i, n)`` hashes only every ``n``-th file from the ``i``-th (in name order; every file's
+    presence and size are still checked): ``n`` processes checking one checkpoint together."""
     ckpt = Path(ckpt)
     manifest_path = ckpt / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -176,20 +178,22 @@ def verify_checkpoint(ckpt) -> str | None:
             raise ValueError("not a checkpoint manifest")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         return f"{manifest_path} is unreadable ({exc})"
-    for name, want in files.items():
+    for position, (name, want) in enumerate(sorted(files.items())):
         path = ckpt / name
         if not path.is_file():
             return f"{path} is missing"
         size = path.stat().st_size
         if size != want.get("size"):
             return f"{path} has {size} bytes, the manifest says {want.get('size')} (truncated?)"
+        if share is not None and position % share[1] != share[0]:
+            continue
         if _sha256(path) != want.get("sha256"):
             return f"{path} does not match its sha256 in the manifest (corrupted on disk)"
     return None
 
 
-def _read_checkpoint(ckpt: Path, device, load_sae) -> Checkpoint:
-    problem = verify_checkpoint(ckpt)
+def _read_checkpoint(ckpt: Path, device, load_sae, verify) -> Checkpoint:
+    problem = verify(ckpt)
     if problem is not None:
         raise ValueError(problem)
     try:
@@ -219,19 +223,21 @@ def _candidates(path: Path) -> list:
     return done
 
 
-def read_checkpoint(path, device=None, load_sae: Callable | None = None) -> Checkpoint:
+def read_checkpoint(path, device=None, load_sae: Callable | None = None,
+                    verify: Callable = verify_checkpoint) -> Checkpoint:
     """The checkpoint at ``path``, checked against its manifest and loaded. ``path`` is a checkpoint
     directory (used as is; an error if damaged) or a run directory: its latest checkpoint, or,
     when that one is damaged, the newest intact one, with a warning naming what is wrong.
     ``load_sae(directory)`` loads the SAE (default: :func:`sparse_sae.load`, the whole SAE, on
-    ``device``; a latent-parallel run reads its slice)."""
+    ``device``; a latent-parallel run reads its slice); ``verify(directory)`` says what is wrong
+    with a checkpoint (the trainer's processes check one together, each hashing a share)."""
     path = Path(path)
     if (path / STATE_FILE).is_file() or (path / MANIFEST_FILE).is_file():
-        return _read_checkpoint(path, device, load_sae)
+        return _read_checkpoint(path, device, load_sae, verify)
     problems = []
     for ckpt in _candidates(path):
         try:
-            found = _read_checkpoint(ckpt, device, load_sae)
+            found = _read_checkpoint(ckpt, device, load_sae, verify)
         except ValueError as exc:
             problems.append(str(exc))
             continue

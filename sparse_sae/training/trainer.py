@@ -42,6 +42,7 @@ from sparse_sae.training.checkpoint import (
     read_checkpoint,
     read_optimizer_rows,
     save_checkpoint,
+    verify_checkpoint,
     write_optimizer_shard,
 )
 from sparse_sae.training.config import TrainConfig
@@ -268,7 +269,8 @@ class Trainer:
         # latent parallelism: each process reads only its rows, of a whole or a sharded checkpoint
         load_sae = ((lambda path: ShardedTopKSAE.load(path, self.ctx.latent_group, self.device))
                     if self.ctx.latent_size > 1 else (lambda path: load(path, device=self.device)))
-        ckpt = read_checkpoint(resume, load_sae=load_sae)
+        ckpt = read_checkpoint(resume, load_sae=load_sae, verify=self._verify_together if self.ctx.enabled else
+                               verify_checkpoint)
         sae, saved_cfg, state = ckpt.sae, ckpt.train_config, ckpt.state
         self.last_checkpoint = ckpt.path
         resume = ckpt.path
@@ -286,6 +288,14 @@ class Trainer:
         if int(state["step"]) > self.cfg.steps:
             raise ValueError(f"checkpoint {resume} is at step {state['step']}, past steps={self.cfg.steps}")
         return sae, state
+
+    def _verify_together(self, ckpt) -> str | None:
+        """:func:`verify_checkpoint` by every process at once, each hashing its share of the files;
+        one answer for all (so every process resumes from the same checkpoint)."""
+        problems = [None] * self.ctx.world_size
+        torch.distributed.all_gather_object(problems, verify_checkpoint(ckpt, share=(self.ctx.rank,
+                                                                                   self.ctx.world_size)))
+        return next((p for p in problems if p is not None), None)
 
     def state_dict(self) -> dict:
         """What a checkpoint holds besides the SAE. Under latent parallelism the per-latent
