@@ -14,8 +14,9 @@ from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
-TITLES = {"topk": "Top-k", "topk_off": "Top-k + off-support l1", "topk_ratio": "Top-k + l1/l2 ratio",
-          "batchtopk": "BatchTopK", "relu_l1": "ReLU + l1", "jumprelu": "JumpReLU"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers.common import VARIANT_TITLES as TITLES  # noqa: E402  (the suite's own names)
+
 IMPL_TITLES = {"ours": "**sparse_sae**", "dense": "dense PyTorch", "sparsify": "sparsify",
                "overcomplete": "overcomplete", "saelens": "SAELens"}
 

@@ -418,7 +418,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         ratio = self.penalty(L1L2Ratio)
         # A on this slice from the global selection (over the data replicas too, in training)
         active = ops.batch_active(fired > 0) if any(p.name in PAPER_TERMS for p in self.penalties) else None
-        dead = self.tokens_since_fired >= self.auxk.dead_after_tokens if self.auxk and self.training else None
+        with_auxk = self.auxk is not None and self.training
+        dead = (self.tokens_since_fired >= self.auxk.dead_after_tokens) if with_auxk else None
         aux_loc, aux_keep = self._auxk_candidates(h, dead)
         values, aux_values, r_off, r_ratio = _ShardedCode.apply(
             xa, W_enc, b_enc, b_dec_a, h, loc, keep, aux_loc, aux_keep, active,
