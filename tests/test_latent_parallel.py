@@ -261,13 +261,14 @@ def test_trainer_data_by_latent_mesh_equals_data_parallel(tmp_path):
 
 
 def test_data_parallel_takes_a_over_the_global_batch(tmp_path):
-    """2 data-parallel processes with both paper penalties equal one process on the global batch:
-    the batch-active set A is the union over the processes (AuxK off: its normaliser, the residual
-    variance, stays per process)."""
+    """2 data-parallel processes with both paper penalties and AuxK equal one process on the global
+    batch: the batch-active set A is the union over the processes, and AuxK's normaliser (the
+    residual's variance) the global batch's."""
     from sparse_sae.training import Trainer
-    one = Trainer(_train_cfg(tmp_path / "one", auxk=0.0, steps=3), _data())
+    one = Trainer(_train_cfg(tmp_path / "one", steps=4), _data())
     one.fit()
-    _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", auxk=0.0, steps=3)), one.sae.state_dict())
+    assert one.metrics["auxk"] > 0           # latents went dead: AuxK ran
+    _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", steps=4)), one.sae.state_dict())
 
 
 def test_sharded_save_reads_back_whole_and_by_rows(tmp_path):

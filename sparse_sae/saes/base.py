@@ -128,13 +128,14 @@ class TrainableSAE:
     constraint, the penalty checks. Needs ``allowed_penalties``, ``penalties``, ``auxk`` (None unless
     AuxK runs) and ``W_dec``."""
 
-    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0) -> torch.Tensor:
+    def loss(self, out: SAEOutput, penalty_scale=1.0, recon_scale=1.0, auxk_scale=1.0) -> torch.Tensor:
         """The training loss of ``out``: ``recon_scale * (recon + sum_t w_t * recon_t)`` over the
         architecture's further reconstruction terms (:meth:`recon_terms`: Matryoshka's prefixes,
         the Gated SAE's auxiliary reconstruction), ``+ penalty_scale * sum_p coef_p * term_p``
-        over the penalties, ``+ coef * auxk`` when AuxK ran. ``forward`` sets ``out.loss`` with
-        the defaults; the trainer calls it with its warm-up ``penalty_scale`` (and, with data
-        parallelism, the ``recon_scale`` that makes the local FVU's gradient the global batch's)."""
+        over the penalties, ``+ auxk_scale * coef * auxk`` when AuxK ran. ``forward`` sets
+        ``out.loss`` with the defaults; the trainer calls it with its warm-up ``penalty_scale`` (and,
+        with data parallelism, the ``recon_scale`` and ``auxk_scale`` that make the local FVU's and
+        AuxK's gradients the global batch's)."""
         losses = out.losses
         loss = losses["recon"] * recon_scale
         for name, weight in self.recon_terms().items():
@@ -142,7 +143,7 @@ class TrainableSAE:
         for p in self.penalties:
             loss = loss + (penalty_scale * p.coef) * losses[p.name]
         if "auxk" in losses:
-            loss = loss + self.auxk.coef * losses["auxk"]
+            loss = loss + (self.auxk.coef * auxk_scale) * losses["auxk"]
         return loss
 
     def _check_penalties(self, penalties) -> tuple:

@@ -9,11 +9,11 @@ averages the gradients over the data replicas (one flat all-reduce), so every re
 same optimizer step. NCCL on GPUs, gloo on CPUs.
 
 For the result to equal one process on the global batch, per-batch quantities must be global:
-:func:`global_variance` gives the FVU denominator of the whole batch, firing counts are summed
-(:func:`all_reduce_sum`) before the dead-latent tracker sees them, and the paper's batch-active
-set ``A`` is the union over the data replicas (:func:`union_over_data`, one all-reduce of ``F``
-flags, through ``sparse_sae.ops.reduce_batch_active``). What stays per data replica: the
-BatchTopK selection and AuxK's normaliser (the variance of the replica's own residual).
+:func:`global_variance` gives the denominators of the whole batch (the FVU's, and AuxK's: the
+residual's variance), firing counts are summed (:func:`all_reduce_sum`) before the dead-latent
+tracker sees them, and the paper's batch-active set ``A`` is the union over the data replicas
+(:func:`union_over_data`, one all-reduce of ``F`` flags, through
+``sparse_sae.ops.reduce_batch_active``). What stays per data replica: the BatchTopK selection.
 """
 from __future__ import annotations
 

@@ -391,15 +391,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _loss(self, x, out, penalty_scale: float):
-        """The SAE's loss with this step's penalty warm-up; under data parallelism the local FVU
-        is rescaled so that averaging gradients over processes gives the global batch's FVU."""
-        sae, recon_scale = self.sae, 1.0
+        """The SAE's loss with this step's penalty warm-up. Under data parallelism the local FVU,
+        and AuxK's (normalised by the residual's variance), are rescaled so that averaging the
+        gradients over the processes gives the global batch's."""
+        sae, recon_scale, auxk_scale = self.sae, 1.0, 1.0
         if self.ctx.data_size > 1 and sae.recon_loss == "fvu":
-            xs = (x * sae.input_scale if sae.input_scale is not None else x).detach().to(torch.float64)
-            local = (xs - xs.mean(0)).square().sum()
-            recon_scale = (local / distributed.global_variance(xs, self.ctx) * self.ctx.data_size).to(
-                out.losses["recon"].dtype)
-        return sae.loss(out, penalty_scale=penalty_scale, recon_scale=recon_scale)
+            xs = x * sae.input_scale if sae.input_scale is not None else x
+            recon_scale = self._share_of_global_variance(xs).to(out.losses["recon"].dtype)
+        if self.ctx.data_size > 1 and "auxk" in out.losses:
+            auxk_scale = self._share_of_global_variance(x - out.recon).to(out.losses["auxk"].dtype)
+        return sae.loss(out, penalty_scale=penalty_scale, recon_scale=recon_scale, auxk_scale=auxk_scale)
+
+    def _share_of_global_variance(self, rows: torch.Tensor) -> torch.Tensor:
+        """``data_size *`` this replica's ``sum ||row - mean||^2`` over the global batch's (float64):
+        the factor that turns a local variance-normalised loss into its share of the global one."""
+        rows = rows.detach().to(torch.float64)
+        local = (rows - rows.mean(0)).square().sum()
+        return local / distributed.global_variance(rows, self.ctx) * self.ctx.data_size
 
     def check_finite_steps(self) -> None:
         """Stops the run if a step since the last check had a non-finite loss (its update was
