@@ -38,7 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_cpu", &sparse_sae::select_cpu,
         "Top-k / BatchTopK / threshold selection with its statistics (see sparse_sae/ops/select.py)",
         py::arg("h"), py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"),
-        py::arg("k_aux"), py::arg("norms") = true);
+        py::arg("k_aux"), py::arg("norms") = true, py::arg("cut") = py::none());
+  m.def("key_histogram_cpu", &sparse_sae::key_histogram_cpu,
+        "Digit histogram of h's ordered keys under a fixed high part (a radix select pass)", py::arg("h"),
+        py::arg("high"), py::arg("shift"), py::arg("bits"));
   m.def("penalty_backward_cpu", &sparse_sae::penalty_backward_cpu,
         "Encoder gradients from the rebuilt penalty gradient plus a sparse gradient",
         py::arg("x"), py::arg("W_enc"), py::arg("b_dec"), py::arg("h"), py::arg("active"), py::arg("n1"),
@@ -53,7 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef SPARSE_SAE_WITH_CUDA
   m.def("select_cuda", &sparse_sae::select_cuda, "select_cpu's contract on CUDA tensors", py::arg("h"),
         py::arg("k"), py::arg("mode"), py::arg("width"), py::arg("threshold"), py::arg("dead"), py::arg("k_aux"),
-        py::arg("norms") = true);
+        py::arg("norms") = true, py::arg("cut") = py::none());
   m.def("group_by_latent_cuda", &sparse_sae::group_by_latent_cuda,
         "Entries grouped by latent: (start[F + 1], entry ids)", py::arg("indices"), py::arg("n_latents"));
 #endif

@@ -16,9 +16,17 @@ std::vector<torch::Tensor> sparse_decode_backward_cpu(const torch::Tensor& grad,
 
 // Returns {values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices}.
 // Without `norms`, n1 and n2 are zeros and no pass over h computes them (plain Top-k).
+// `cut` (BatchTopK; float64 (value, ties) on h's device) replaces the batch's own cut: entries
+// above value and the first `ties` entries equal to it in flat order are selected.
 std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                       const std::optional<torch::Tensor>& threshold,
-                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms);
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms,
+                                      const std::optional<torch::Tensor>& cut);
+
+// Histogram (2^bits counts) of the digits (key >> shift) of h's ordered keys over the entries whose
+// key bits from shift + bits up equal `high` (one int64): a pass of a radix select over the
+// global batch of a data-parallel run (sparse_sae/training/distributed.py).
+torch::Tensor key_histogram_cpu(const torch::Tensor& h, const torch::Tensor& high, int64_t shift, int64_t bits);
 
 // Returns {dW_enc, db_enc, db_dec, dx}; dx is empty unless need_dx.
 std::vector<torch::Tensor> penalty_backward_cpu(const torch::Tensor& x, const torch::Tensor& W_enc,
@@ -45,7 +53,8 @@ std::vector<torch::Tensor> threshold_dense_backward_cpu(const torch::Tensor& x, 
 // CUDA selection (select_cuda.cpp); same outputs as select_cpu, with float32 norms.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms);
+                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms,
+                                       const std::optional<torch::Tensor>& cut);
 // Entries of `indices` grouped by latent: {start (F + 1), entry ids (row-major within a latent)}.
 std::vector<torch::Tensor> group_by_latent_cuda(const torch::Tensor& indices, int64_t F);
 #endif

@@ -165,6 +165,28 @@ void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_
 
 // The key of the n-th largest entry of h (flat) by radix select, and how many entries equal
 // to it are selected (the lowest flat indices among them).
+// Histogram of the digits (key >> shift) & (2^bits - 1) of the entries' ordered keys (`key_of`),
+// over the entries whose key bits from shift + bits up equal `high` (every entry when there are
+// none): one pass of a batch-wide radix select.
+template <typename T, typename Key, typename KeyOf>
+void key_histogram(const T* h, int64_t N, KeyOf key_of, int key_bits, Key high, int shift, int bits,
+                   int64_t* hist) {
+  const bool every = shift + bits >= key_bits;
+  const int64_t n_bins = int64_t(1) << bits;
+  std::fill(hist, hist + n_bins, 0);
+#pragma omp parallel
+  {
+    std::vector<int64_t> local(n_bins, 0);
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < N; ++e) {
+      const Key key = key_of(h[e]);
+      if (every || (key >> (shift + bits)) == high) ++local[radix_digit(key, shift, bits)];
+    }
+#pragma omp critical
+    for (int64_t b = 0; b < n_bins; ++b) hist[b] += local[b];
+  }
+}
+
 template <typename T, typename Key>
 std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
   constexpr int kKeyBits = sizeof(Key) * 8;
@@ -175,18 +197,9 @@ std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
   for (int shift = kKeyBits - kDigitBits; shift > -kDigitBits; shift -= kDigitBits) {
     const int s = std::max(shift, 0);
     const int bits = shift >= 0 ? kDigitBits : kDigitBits + shift;
-    std::fill(hist.begin(), hist.end(), 0);
-#pragma omp parallel
-    {
-      std::vector<int64_t> local(kBins, 0);
-#pragma omp for schedule(static)
-      for (int64_t e = 0; e < N; ++e) {
-        const Key key = ordered_key(h[e]);
-        if ((key & st.prefix_mask) == st.prefix) ++local[radix_digit(key, s, bits)];
-      }
-#pragma omp critical
-      for (int b = 0; b < kBins; ++b) hist[b] += local[b];
-    }
+    // the digits fixed so far are exactly the key bits from s + bits up
+    const Key high = st.prefix_mask ? static_cast<Key>(st.prefix >> (s + bits)) : Key(0);
+    key_histogram(h, N, [](T v) { return ordered_key(v); }, kKeyBits, high, s, bits, hist.data());
     radix_select_step(st, hist.data(), s, bits);
   }
   return {st.prefix, st.remaining};
@@ -195,7 +208,8 @@ std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
 template <typename T>
 std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead_t, int64_t k_aux, bool norms) {
+                                       const std::optional<torch::Tensor>& dead_t, int64_t k_aux, bool norms,
+                                       const std::optional<torch::Tensor>& given_cut) {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   const int64_t B = h.size(0), F = h.size(1);
   const T* hp = h.data_ptr<T>();
@@ -223,7 +237,10 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const 
     Key cut = 0;
     const T* thr = nullptr;
     if (mode == "batchtopk") {
-      auto [key, n_eq] = batch_threshold<T, Key>(hp, B * F, B * k);
+      auto [key, n_eq] = given_cut.has_value()
+                             ? std::pair<Key, int64_t>{ordered_key(static_cast<T>(given_cut->data_ptr<double>()[0])),
+                                                       static_cast<int64_t>(given_cut->data_ptr<double>()[1])}
+                             : batch_threshold<T, Key>(hp, B * F, B * k);
       cut = key;
       std::vector<int64_t> eq(B, 0);
 #pragma omp parallel for schedule(static)
@@ -327,9 +344,44 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& h, int64_t k, const 
 
 }  // namespace
 
+torch::Tensor key_histogram_cpu(const torch::Tensor& h, const torch::Tensor& high, int64_t shift, int64_t bits) {
+  SAE_CHECK_CPU(h);
+  SAE_CHECK_CONTIG(h);
+  const int key_bits = static_cast<int>(h.element_size()) * 8;
+  TORCH_CHECK(bits >= 1 && bits <= 16 && shift >= 0 && shift + bits <= key_bits,
+              "key_histogram: need 1 <= bits <= 16 and shift + bits <= ", key_bits);
+  TORCH_CHECK(high.device().is_cpu() && high.scalar_type() == torch::kInt64 && high.numel() == 1,
+              "key_histogram: high must be one int64 on the CPU");
+  const int64_t hi = high.item<int64_t>();  // the key's bit pattern (a 64-bit key may read as negative)
+  auto hist = torch::empty({int64_t(1) << bits}, h.options().dtype(torch::kInt64));
+  const int64_t N = h.numel();
+  int64_t* out = hist.data_ptr<int64_t>();
+  const int s = static_cast<int>(shift), b = static_cast<int>(bits);
+  switch (h.scalar_type()) {
+    case torch::kFloat:
+      key_histogram(h.data_ptr<float>(), N, [](float v) { return ordered_key(v); }, 32,
+                    static_cast<uint32_t>(hi), s, b, out);
+      break;
+    case torch::kDouble:
+      key_histogram(h.data_ptr<double>(), N, [](double v) { return ordered_key(v); }, 64,
+                    static_cast<uint64_t>(hi), s, b, out);
+      break;
+    case torch::kBFloat16:
+    case torch::kHalf:
+      key_histogram(reinterpret_cast<const uint16_t*>(h.data_ptr()), N,
+                    [](uint16_t v) { return static_cast<uint32_t>(ordered_key_16(v)); }, 16,
+                    static_cast<uint32_t>(hi), s, b, out);
+      break;
+    default:
+      TORCH_CHECK(false, "key_histogram: h must be float32, float64, bfloat16 or float16");
+  }
+  return hist;
+}
+
 std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                       const std::optional<torch::Tensor>& threshold,
-                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms) {
+                                      const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms,
+                                      const std::optional<torch::Tensor>& cut) {
   SAE_CHECK_CPU(h);
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
@@ -348,9 +400,15 @@ std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const s
                     dead->is_contiguous(),
                 "dead must be a contiguous bool tensor of F = ", F, " entries");
   }
+  if (cut.has_value()) {
+    TORCH_CHECK(mode == "batchtopk", "a given cut is BatchTopK's");
+    TORCH_CHECK(cut->device().is_cpu() && cut->scalar_type() == torch::kFloat64 && cut->dim() == 1 &&
+                    cut->size(0) == 2 && cut->is_contiguous(),
+                "cut must be a contiguous float64 CPU tensor (value, ties)");
+  }
   std::vector<torch::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "select_cpu", [&] {
-    out = select_impl<scalar_t>(h, k, mode, width, threshold, dead, k_aux, norms);
+    out = select_impl<scalar_t>(h, k, mode, width, threshold, dead, k_aux, norms, cut);
   });
   return out;
 }

@@ -30,7 +30,8 @@ static SelectDtype select_dtype(const torch::Tensor& h) {
 // exceed kMaxSelect entries in some row.
 std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const std::string& mode, int64_t width,
                                        const std::optional<torch::Tensor>& threshold,
-                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms) {
+                                       const std::optional<torch::Tensor>& dead, int64_t k_aux, bool norms,
+                                       const std::optional<torch::Tensor>& cut) {
   TORCH_CHECK(h.is_cuda(), "h must be a CUDA tensor");
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
@@ -61,6 +62,12 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
       a.threshold = thr.data_ptr();
     } else {
       TORCH_CHECK(k >= 1 && k <= F, "k must be in [1, F]");
+      if (cut.has_value()) {  // read on the device: no synchronisation
+        TORCH_CHECK(cut->device() == h.device() && cut->scalar_type() == torch::kFloat64 && cut->dim() == 1 &&
+                        cut->size(0) == 2 && cut->is_contiguous(),
+                    "cut must be a contiguous float64 tensor (value, ties) on h's device");
+        a.cut = cut->data_ptr<double>();
+      }
     }
     workspace = torch::zeros({static_cast<int64_t>(select_workspace_bytes())}, opts.dtype(torch::kUInt8));
     count = torch::zeros({B}, i64);

@@ -63,19 +63,28 @@ def topk_select_ref(h, k: int):
     return _sort_desc(h.gather(1, indices), indices)
 
 
-def batchtopk_select_ref(h, k: int, width: int = 0):
+def batchtopk_select_ref(h, k: int, width: int = 0, cut=None):
     """BatchTopK: the ``B * k`` largest entries of the whole batch (ties to the lower flat index).
 
     Returns each row's selected entries packed into ``B x width`` (descending value, padded
-    with zero values); ``width = 0`` means the exact width, the largest row count.
+    with zero values); ``width = 0`` means the exact width, the largest row count. ``cut``
+    (``(value, ties)``, float64) gives the selection instead: every entry above ``value`` and
+    the first ``ties`` entries equal to it, in flat order (a process's share of the selection
+    over a data-parallel global batch).
     """
     B, F = h.shape
-    n = B * k
     flat = h.reshape(-1)
-    tau = torch.topk(flat, n).values[-1]
-    above = flat > tau
+    if cut is None:
+        n = B * k
+        tau = torch.topk(flat, n).values[-1]
+        above = flat > tau
+        ties = n - above.sum()
+    else:
+        tau = cut[0].to(h.dtype)
+        above = flat > tau
+        ties = int(cut[1])
     tied = flat == tau
-    selected = above | (tied & (tied.cumsum(0) <= n - above.sum()))
+    selected = above | (tied & (tied.cumsum(0) <= ties))
     return pack_selected_ref(h, selected.view(B, F), width)
 
 

@@ -129,3 +129,11 @@ def test_latent_parallel_model():
     assert lp.largest_f(4096, 4096, 8) > 7 * lp.largest_f(4096, 4096, 1)
     assert lp.per_rank_memory_gb(4096, 1 << 20, 4096, 8) < lp.per_rank_memory_gb(4096, 1 << 20, 4096, 2)
     assert "largest F" in lp.model_table()
+
+
+def test_batch_cut_prints_a_row_per_dtype(capsys):
+    import batch_cut
+    batch_cut.main(["--shape", "37,53,5", "--repeats", "1", "--dtypes", "float32,bfloat16"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("x |") for line in rows), out

@@ -256,3 +256,76 @@ def test_ordered_keys_for_16_bit_floats(gen, dtype):
     for i in range(0, len(v) - 1):
         a, b = order_v[i], order_v[i + 1]
         assert bool(a < b) == bool(keys[i] < keys[i + 1]) and bool(a == b) == bool(keys[i] == keys[i + 1])
+
+
+def _given_cut_oracle(h, value, ties):
+    """The (row, index) pairs a given cut selects, by a plain walk over h in flat order."""
+    B, F = h.shape
+    flat, picked, left = h.double().reshape(-1).tolist(), set(), ties
+    for e, v in enumerate(flat):
+        if v > value or (v == value and left > 0):
+            left -= v == value
+            picked.add((e // F, e % F))
+    return picked
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
+@pytest.mark.parametrize("B,F,k", [(1, 37, 5), (13, 29, 3), (40, 101, 7)])
+def test_batchtopk_given_cut_selects_above_then_the_first_ties(gen, dtype, B, F, k):
+    """A given cut (value, ties) selects every entry above value and the first `ties` equal ones in
+    flat order, on the CPU kernel and the reference; the batch's own cut gives BatchTopK itself."""
+    from sparse_sae.ops.select import _select_cpu, _select_reference
+    h = _h(gen, B, F, torch.float64, ties=True).to(dtype) + 0.25    # positive, with many exact ties
+    distinct = h.unique()
+    for value in (distinct[len(distinct) // 2], distinct[-2], distinct[0]):
+        eq = int((h == value).sum())
+        for ties in sorted({0, 1, eq // 2, eq}):
+            cut = torch.tensor([float(value), float(ties)], dtype=torch.float64)
+            want = _given_cut_oracle(h, float(value), ties)
+            for impl in (_select_cpu, _select_reference):
+                values, indices = impl(h, k, "batchtopk", 0, None, None, 0, True, cut)[:2]
+                got = {(i, int(j)) for i in range(B) for j, v in zip(indices[i], values[i]) if v > 0}
+                assert got == want, (impl.__name__, float(value), ties)
+    flat = h.reshape(-1)
+    tau = torch.topk(flat, B * k).values[-1]
+    own = torch.tensor([float(tau), float(B * k - (flat > tau).sum())], dtype=torch.float64)
+    _assert_select_equal(_select_cpu(h, k, "batchtopk", 0, None, None, 0, True, own),
+                         _select_cpu(h, k, "batchtopk", 0, None, None, 0, True))
+
+
+def test_select_refuses_a_bad_cut(gen):
+    h = _h(gen, 4, 9, torch.float32)
+    good = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="cut is BatchTopK's"):
+        S.ops.select(h, 2, "topk", cut=good)
+    for bad in (good.float(), good[:1], torch.zeros(2, 2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="cut must be a float64 tensor"):
+            S.ops.select(h, 2, "batchtopk", cut=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_key_histogram_matches_counting_by_hand(gen, dtype):
+    """The CPU kernel's digit histogram of the selection keys, and the PyTorch one, against counts
+    taken from the C++ keys one by one (signed values, -0, ties), for every pass of a 16-bit and of an
+    8-bit radix select, with the high part taken from an entry (so that the filter matches some)."""
+    from sparse_sae.ops.select import KEY_BITS, key_histogram, key_histogram_ref
+    h = ((rand(gen, 11, 23, dtype=torch.float64) * 4).round() / 4).to(dtype)
+    h[0, :3] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
+    flat = h.reshape(-1)
+    bits_total = KEY_BITS[dtype]
+    if bits_total == 16:
+        keys = [_C.ordered_key_16(int(b) & 0xFFFF) for b in flat.view(torch.int16)]
+    else:
+        keys = [(_C.ordered_key_f32 if bits_total == 32 else _C.ordered_key_f64)(float(v)) for v in flat]
+    for digit_bits in (16, 8):
+        for shift in range(bits_total - digit_bits, -1, -digit_bits):
+            high_value = keys[37] >> (shift + digit_bits) if shift + digit_bits < bits_total else 0
+            want = [0] * (1 << digit_bits)
+            for key in keys:
+                if shift + digit_bits >= bits_total or key >> (shift + digit_bits) == high_value:
+                    want[(key >> shift) & ((1 << digit_bits) - 1)] += 1
+            high = torch.tensor([high_value - (1 << 64) if high_value >= 1 << 63 else high_value])
+            for impl in (key_histogram, key_histogram_ref):
+                got = impl(h, high, shift, digit_bits)
+                assert got.tolist() == want, (impl.__name__, digit_bits, shift)
+    assert sum(want) >= 1

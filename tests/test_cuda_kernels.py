@@ -34,10 +34,10 @@ def test_group_by_latent_reference(gen):
         assert torch.equal(group, group.sort().values)   # row-major within a latent
 
 
-def _check_select(h, k, mode="topk", width=0, threshold=None, dead=None, k_aux=0):
-    got = _C.select_cuda(h, k, mode, width, threshold, dead, k_aux)
+def _check_select(h, k, mode="topk", width=0, threshold=None, dead=None, k_aux=0, cut=None):
+    got = _C.select_cuda(h, k, mode, width, threshold, dead, k_aux, True, cut)
     want = _select_reference(h.cpu(), k, mode, width, None if threshold is None else threshold.cpu(),
-                             None if dead is None else dead.cpu(), k_aux)
+                             None if dead is None else dead.cpu(), k_aux, True, None if cut is None else cut.cpu())
     for name, g, w in zip(FIELDS, got, want):
         g = g.cpu()
         if name in ("n1", "n2"):
@@ -67,6 +67,20 @@ def test_select_cuda_topk(gen, dtype, B, F, k, ties):
 def test_select_cuda_batchtopk(gen, dtype, B, F, k, width):
     h = ((torch.relu(rand(gen, B, F, dtype=torch.float32)) * 8).round() / 8).to(dtype).cuda()
     _check_select(h, k, "batchtopk", width)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_select_cuda_batchtopk_given_cut(gen, dtype):
+    """A data-parallel process's share of the cut (value, ties), read on the device: cuts inside a
+    run of ties, at none of them and at all of them, packed exactly and at a width."""
+    h = ((torch.relu(rand(gen, 33, 517, dtype=torch.float32)) * 8).round() / 8).to(dtype).cuda()
+    for value in (0.125, 0.5, 1.0):
+        eq = int((h == value).sum())
+        for ties in sorted({0, 1, eq // 3, eq}):
+            cut = torch.tensor([value, float(ties)], dtype=torch.float64, device="cuda")
+            for width in (0, 9):
+                _check_select(h, 4, "batchtopk", width, cut=cut)
 
 
 @gpu

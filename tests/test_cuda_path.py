@@ -37,11 +37,11 @@ class _FakeCudaSelect:
     def __init__(self, cap):
         self.max_select, self.calls = cap, []
 
-    def select_cuda(self, h, k, mode, width, threshold, dead, k_aux, norms):
+    def select_cuda(self, h, k, mode, width, threshold, dead, k_aux, norms, cut=None):
         self.calls.append(dict(mode=mode, k=k, width=width, dead=dead, k_aux=k_aux))
         if mode == "threshold" and width <= 0 and int((h > threshold[None, :]).sum(1).max()) > self.max_select:
             return []
-        return list(_C.select_cpu(h, k, mode, width, threshold, dead, k_aux, norms))
+        return list(_C.select_cpu(h, k, mode, width, threshold, dead, k_aux, norms, cut))
 
 
 @pytest.fixture

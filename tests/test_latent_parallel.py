@@ -323,3 +323,77 @@ def test_sharded_plain_topk_keeps_no_batch_by_latent_tensor(tmp_path):
             assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------- BatchTopK over the data replicas
+CUT_ROWS = [7, 1, 12]                        # unequal replicas (skip_nonfinite can drop rows)
+CUT_CASES = [("float64", 5, False), ("float32", 4, True), ("bfloat16", 3, False), ("float16", 6, True),
+             ("float32", 29, True)]          # k = F: every entry; with zeros, fewer positives than k x rows
+
+
+def _cut_batch(dtype_name, zeros):
+    g = torch.Generator().manual_seed(5)
+    h = torch.rand(sum(CUT_ROWS), 29, generator=g, dtype=torch.float64)
+    h = (h * 8).round() / 8 + (0 if zeros else 0.125)     # coarse: ties at every cut
+    if zeros:
+        h = h * (torch.rand(h.shape, generator=g) < 0.3)
+    return h.to(getattr(torch, dtype_name))
+
+
+def _cut_worker(rank, world, path, result):
+    from sparse_sae.training import distributed
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        ctx = distributed.Context(rank=rank, world_size=world)
+        lo = sum(CUT_ROWS[:rank])
+        found = []
+        for dtype_name, k, zeros in CUT_CASES:
+            mine = _cut_batch(dtype_name, zeros)[lo:lo + CUT_ROWS[rank]]
+            cut = distributed.global_batch_cut(mine, k, ctx)
+            sel = S.ops.select(mine, k, "batchtopk", cut=cut)
+            pairs = {(lo + i, int(j)) for i in range(mine.shape[0]) for j, v in zip(sel.indices[i], sel.values[i])
+                     if v > 0}
+            parts = [None] * world
+            dist.all_gather_object(parts, (cut.tolist(), pairs))
+            found.append(parts)
+        if rank == 0:
+            torch.save(found, result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_cut_equals_batchtopk_on_the_whole_batch():
+    """3 replicas with unequal rows, in four dtypes, with ties at the cut and with fewer positive
+    entries than the budget: each replica's share of the cut (a radix select over summed
+    histograms) selects, together, exactly BatchTopK's selection on the concatenated batch (the
+    reference: torch.topk on the whole batch), ties to the lower global index."""
+    world = len(CUT_ROWS)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "found.pt")
+        mp.spawn(_cut_worker, args=(world, os.path.join(tmp, "store"), result), nprocs=world, join=True)
+        found = torch.load(result)
+    split = []
+    for (dtype_name, k, zeros), parts in zip(CUT_CASES, found):
+        h = _cut_batch(dtype_name, zeros)
+        values, indices = R.batchtopk_select_ref(h, k)
+        want = {(i, int(j)) for i in range(h.shape[0]) for j, v in zip(indices[i], values[i]) if v > 0}
+        flat = h.reshape(-1)
+        tau = torch.topk(flat, h.shape[0] * k).values[-1]
+        cuts = [c for c, _ in parts]
+        assert all(c[0] == float(tau) for c in cuts), (dtype_name, cuts)
+        assert sum(c[1] for c in cuts) == h.shape[0] * k - int((flat > tau).sum()), (dtype_name, cuts)
+        assert set().union(*(p for _, p in parts)) == want, dtype_name
+        split.append(0 < sum(c[1] for c in cuts) < int((flat == tau).sum()))
+    assert any(split), "some case should split the ties at the cut"
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_k_per_row": 7}])
+def test_data_parallel_batchtopk_selects_over_the_global_batch(tmp_path, extra):
+    """2 data-parallel BatchTopK processes equal one process on the global batch: the selection is
+    the global batch's, and the learned threshold follows its smallest selected value."""
+    from sparse_sae.training import Trainer
+    cfg = dict(architecture="batchtopk", steps=4, **extra)
+    one = Trainer(_train_cfg(tmp_path / "one", **cfg), _data())
+    one.fit()
+    assert float(one.sae.threshold) > 0
+    _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", **cfg)), one.sae.state_dict())

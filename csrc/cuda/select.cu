@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -301,6 +303,23 @@ __global__ void global_reset_kernel(GlobalSelect* gs, int64_t n) {
   gs->st.remaining = n;
 }
 
+// A given cut: the key of `cut[0]` (a value of h's dtype, exact in double) and `cut[1]` ties,
+// the state the radix passes would end in.
+template <typename T>
+__global__ void given_cut_kernel(GlobalSelect* gs, const double* cut) {
+  T v;
+  if constexpr (sizeof(T) == 4) {
+    v = static_cast<float>(cut[0]);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    v = __float2half(static_cast<float>(cut[0]));
+  } else {
+    v = __float2bfloat16(static_cast<float>(cut[0]));
+  }
+  gs->st.prefix = key_of(v);
+  gs->st.prefix_mask = ~0u;
+  gs->st.remaining = static_cast<int64_t>(cut[1]);
+}
+
 // Per row: entries above the cut and ties (BatchTopK), or above the threshold.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) row_counts_kernel(const T* h, int64_t F, const GlobalSelect* gs,
@@ -414,7 +433,9 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
   const T* thr = a.mode == SelectMode::kThreshold ? static_cast<const T*>(a.threshold) : nullptr;
   GlobalSelect* gs = a.mode == SelectMode::kBatchTopK ? static_cast<GlobalSelect*>(a.workspace) : nullptr;
   if (a.mode != SelectMode::kTopK && a.phase == SelectPhase::kCount) {
-    if (gs) {
+    if (gs && a.cut) {
+      given_cut_kernel<T><<<1, 1, 0, stream>>>(gs, a.cut);
+    } else if (gs) {
       unsigned long long* hist = reinterpret_cast<unsigned long long*>(gs + 1);
       const int64_t N = a.B * a.F;
       global_reset_kernel<<<1, 1, 0, stream>>>(gs, a.B * a.k);

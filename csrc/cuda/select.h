@@ -22,6 +22,8 @@ struct SelectArgs {
   const void* h;            // B x F
   int64_t B, F, k;
   const void* threshold;    // F, h's dtype (threshold mode)
+  const double* cut;        // 2 (BatchTopK), or null: (value, ties) given instead of the
+                            // batch's own radix select (a data-parallel process's share)
   int64_t width;            // packed width (packing modes)
   void* values;             // B x out_width, h's dtype
   int64_t* indices;         // B x out_width

@@ -55,6 +55,34 @@ def batch_active(active: torch.Tensor) -> torch.Tensor:
     return active if _BATCH_ACTIVE_REDUCER is None else _BATCH_ACTIVE_REDUCER(active)
 
 
+_BATCH_SELECTION: tuple | None = None    # see reduce_batch_selection
+
+
+@contextlib.contextmanager
+def reduce_batch_selection(cut: Callable, smallest: Callable):
+    """Inside the block, BatchTopK selects over the global batch of a data-parallel run:
+    ``cut(h, k)`` gives this process's share of the global batch's selection, as ``select``'s
+    ``cut`` (a float64 ``(value, ties)``), and ``smallest(t)`` the minimum of a 0-d tensor over the
+    processes (the selection's smallest value, which BatchTopK's learned threshold follows)."""
+    global _BATCH_SELECTION
+    previous, _BATCH_SELECTION = _BATCH_SELECTION, (cut, smallest)
+    try:
+        yield
+    finally:
+        _BATCH_SELECTION = previous
+
+
+def batch_cut(h: torch.Tensor, k: int):
+    """BatchTopK's cut from the reducer of :func:`reduce_batch_selection`, or None outside one
+    (the batch's own)."""
+    return None if _BATCH_SELECTION is None else _BATCH_SELECTION[0](h, k)
+
+
+def batch_smallest(t: torch.Tensor) -> torch.Tensor:
+    """``t`` through the minimum of :func:`reduce_batch_selection`, or as it is outside one."""
+    return t if _BATCH_SELECTION is None else _BATCH_SELECTION[1](t)
+
+
 def record_triton_error(reason: str) -> None:
     """Records why the Triton backend could not be imported, for ``show_build`` and errors."""
     global _TRITON_ERROR

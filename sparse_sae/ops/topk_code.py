@@ -46,8 +46,9 @@ def _topk_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, m
                dead: Optional[Tensor], k_aux: int, ratio_eps: float, penalized: bool) -> tuple[
         Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     h = encode(x, W_enc, b_enc, b_dec, True)
+    cut = _registry.batch_cut(h, k) if mode == "batchtopk" else None   # over the global batch (data parallelism)
     values, indices, threshold, active, fired, n1, n2, aux_values, aux_indices = _select(
-        h, k, mode, width, None, dead, k_aux, penalized)
+        h, k, mode, width, None, dead, k_aux, penalized, cut)
     if penalized and _registry.reduces_batch_active():    # A over the global batch (data parallelism)
         active = _registry.batch_active(active)
         n1, n2 = reference.active_row_norms_ref(h, active)

@@ -221,6 +221,7 @@ class BatchTopKSAE(TopKSAE):
         """Running estimate of the smallest selected value, on the device (no host sync); a batch
         that selects nothing positive leaves it unchanged."""
         smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min()
+        smallest = ops.batch_smallest(smallest)      # over the global batch (data parallelism)
         self.threshold.copy_(next_threshold(self.threshold, smallest, self.threshold_momentum))
 
     def config(self) -> dict:

@@ -13,7 +13,11 @@ For the result to equal one process on the global batch, per-batch quantities mu
 residual's variance), firing counts are summed (:func:`all_reduce_sum`) before the dead-latent
 tracker sees them, and the paper's batch-active set ``A`` is the union over the data replicas
 (:func:`union_over_data`, one all-reduce of ``F`` flags, through
-``sparse_sae.ops.reduce_batch_active``). What stays per data replica: the BatchTopK selection.
+``sparse_sae.ops.reduce_batch_active``), and BatchTopK selects the ``k`` x global rows largest
+entries of the global batch (:func:`global_batch_cut`, a radix select over histograms
+summed across the replicas, through ``sparse_sae.ops.reduce_batch_selection``), its learned threshold following
+the global batch's smallest selected value (:func:`min_over_data`). What stays per data replica:
+BatchTopK's selection when the latents are sharded too (a ``data x latent`` mesh).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from sparse_sae.ops.select import KEY_BITS, key_histogram, value_of_key
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,50 @@ def union_over_data(mask: torch.Tensor, ctx: Context) -> torch.Tensor:
     m = mask.to(torch.int32)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ctx.data_group)
     return m.bool()
+
+
+def min_over_data(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The minimum of a 0-d tensor over the data replicas."""
+    if ctx.data_size == 1:
+        return t
+    m = t.detach().reshape(1).clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MIN, group=ctx.data_group)
+    return m[0]
+
+
+@torch.no_grad()
+def global_batch_cut(h: torch.Tensor, k: int, ctx: Context, digit_bits: int = 16) -> torch.Tensor:
+    """This data replica's share of BatchTopK's selection over the global batch (the rows of every
+    replica, in rank order): the ``k * global_rows`` largest entries, ties to the lower global flat
+    index. Returns ``select``'s ``cut``: the value at the cut and how many entries equal to it this
+    replica takes (float64, on ``h``'s device).
+
+    A radix select on the selection kernels' keys, ``digit_bits`` a pass (16: one pass for 16-bit
+    types, two for float32), each pass one histogram (``ops.select.key_histogram``) summed over
+    the replicas. Collectives only, no host synchronisation."""
+    B, F = h.shape
+    h = h.detach()
+    n_bins = 1 << digit_bits
+    rows = all_reduce_sum(torch.tensor([B], dtype=torch.int64, device=h.device), ctx, over_data=True)
+    remaining = rows * k                       # rank of the cut from the top among the matching entries
+    high = torch.zeros(1, dtype=torch.int64, device=h.device)     # the key's digits fixed so far
+    for shift in range(KEY_BITS[h.dtype] - digit_bits, -1, -digit_bits):
+        local = key_histogram(h, high, shift, digit_bits)
+        hist = all_reduce_sum(local.clone(), ctx, over_data=True)
+        from_top = hist.flip(0).cumsum(0)      # from_top[i]: entries with a digit >= n_bins - 1 - i
+        i = torch.searchsorted(from_top, remaining)
+        d = (n_bins - 1) - i
+        remaining = remaining - (from_top[i] - hist[d])
+        high = torch.bitwise_left_shift(high, digit_bits) | d     # a 64-bit key wraps to its bit pattern
+        ties_here = local[d]
+    # the ties of the cut go to the lowest global flat indices: to the replicas in rank order
+    counts = [ties_here]
+    if ctx.data_size > 1:
+        counts = [torch.zeros_like(ties_here) for _ in range(ctx.data_size)]
+        dist.all_gather(counts, ties_here, group=ctx.data_group)
+    before = torch.cat(counts)[:ctx.data_rank].sum()
+    take = (remaining - before).clamp(min=0).minimum(ties_here)
+    return torch.cat([value_of_key(high[0], h.dtype).to(torch.float64).reshape(1), take.to(torch.float64)])
 
 
 def all_reduce_gradients(params, ctx: Context) -> None:

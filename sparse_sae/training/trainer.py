@@ -427,7 +427,11 @@ class Trainer:
         # the paper's batch-active set A over the global batch, not this replica's rows
         global_a = (ops.reduce_batch_active(functools.partial(distributed.union_over_data, ctx=self.ctx))
                     if self.ctx.data_size > 1 else contextlib.nullcontext())
-        with autocast, global_a:
+        # and BatchTopK's selection over the global batch (a sharded SAE selects per data replica)
+        global_cut = (ops.reduce_batch_selection(functools.partial(distributed.global_batch_cut, ctx=self.ctx),
+                                                 functools.partial(distributed.min_over_data, ctx=self.ctx))
+                      if self.ctx.data_size > 1 else contextlib.nullcontext())
+        with autocast, global_a, global_cut:
             out = sae(x)
             loss = self._loss(x, out, penalty_scale_at(step, cfg))
         if before is not None:   # dead-latent counters over the global batch
