@@ -362,6 +362,52 @@ def _cut_worker(rank, world, path, result):
         dist.destroy_process_group()
 
 
+def _mesh_cut_worker(rank, world, path, result):
+    from sparse_sae.training import distributed
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        ctx = distributed._mesh(distributed.Context(rank=rank, world_size=world), 2)
+        rows = MESH_ROWS[ctx.data_rank]
+        lo_row = sum(MESH_ROWS[:ctx.data_rank])
+        lo, hi = shard_bounds(29, 2, rank % 2)
+        found = []
+        for dtype_name, k, zeros in CUT_CASES:
+            mine = _cut_batch(dtype_name, zeros)[lo_row:lo_row + rows, lo:hi]
+            value, takes = distributed.global_batch_cut(mine, k, ctx, by_row=True)
+            tied = mine == value
+            mask = (mine > value) | (tied & (tied.cumsum(1) <= takes[:, None]))
+            found.append({(lo_row + int(i), lo + int(j)) for i, j in mask.nonzero().tolist()})
+        parts = [None] * world
+        dist.all_gather_object(parts, found)
+        if rank == 0:
+            torch.save(parts, result)
+    finally:
+        dist.destroy_process_group()
+
+
+MESH_ROWS = [7, 13]        # 2 data replicas (unequal rows) x 2 latent slices of F = 29
+
+
+def test_global_batch_cut_by_row_on_a_data_by_latent_mesh():
+    """On 2 data replicas x 2 latent slices, the cut with each row's ties selects together exactly
+    BatchTopK's selection of the whole batch (every selected entry, zeros included), ties to the
+    lower global flat index: across replicas, rows and the slices of a row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "found.pt")
+        mp.spawn(_mesh_cut_worker, args=(4, os.path.join(tmp, "store"), result), nprocs=4, join=True)
+        parts = torch.load(result)
+    for c, (dtype_name, k, zeros) in enumerate(CUT_CASES):
+        h = _cut_batch(dtype_name, zeros)[:sum(MESH_ROWS)]
+        n = h.shape[0] * k
+        flat = h.reshape(-1)
+        tau = torch.topk(flat, n).values[-1]
+        tied = flat == tau
+        want = (flat > tau) | (tied & (tied.cumsum(0) <= n - (flat > tau).sum()))
+        want = {(e // 29, e % 29) for e in want.nonzero().squeeze(1).tolist()}
+        got = set().union(*(p[c] for p in parts))
+        assert sum(len(p[c]) for p in parts) == n and got == want, dtype_name
+
+
 def test_global_batch_cut_equals_batchtopk_on_the_whole_batch():
     """3 replicas with unequal rows, in four dtypes, with ties at the cut and with fewer positive
     entries than the budget: each replica's share of the cut (a radix select over summed
@@ -397,3 +443,14 @@ def test_data_parallel_batchtopk_selects_over_the_global_batch(tmp_path, extra):
     one.fit()
     assert float(one.sae.threshold) > 0
     _assert_same_state(_run(2, _train_cfg(tmp_path / "dp", **cfg)), one.sae.state_dict())
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_k_per_row": 7}])
+def test_data_by_latent_mesh_batchtopk_equals_one_process(tmp_path, extra):
+    """2 data replicas x 2 latent shards of a BatchTopK SAE equal one process on the global batch:
+    the cut over every process, each row's ties handed across the slices in latent order."""
+    from sparse_sae.training import Trainer
+    cfg = dict(architecture="batchtopk", steps=3, **extra)
+    one = Trainer(_train_cfg(tmp_path / "one", **cfg), _data())
+    one.fit()
+    _assert_same_state(_run(4, _train_cfg(tmp_path / "mesh", latent_parallel=2, **cfg)), one.sae.state_dict())

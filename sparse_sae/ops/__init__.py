@@ -6,8 +6,8 @@ select into one autograd node whose backward is ``penalty_backward``, so the den
 gradient of a (Batch)Top-k SAE is never materialised by autograd; ``threshold_code`` does the
 same for the ReLU and JumpReLU SAEs (threshold select, sparse or dense by density).
 """
-from sparse_sae.ops._registry import (batch_active, batch_smallest, reduce_batch_active, reduce_batch_selection,
-                                      show_build)
+from sparse_sae.ops._registry import (batch_active, batch_cut, batch_smallest, reduce_batch_active,
+                                      reduce_batch_selection, show_build)
 from sparse_sae.ops.encode import encode
 from sparse_sae.ops.penalty_backward import penalty_backward
 from sparse_sae.ops.select import SelectResult, select
@@ -21,5 +21,5 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     from sparse_sae.ops import _registry
     _registry.record_triton_error(f"{type(_exc).__name__}: {_exc}")
 
-__all__ = ["show_build", "reduce_batch_active", "batch_active", "reduce_batch_selection", "batch_smallest", "encode", "select", "SelectResult", "penalty_backward", "sparse_decode",
+__all__ = ["show_build", "reduce_batch_active", "batch_active", "reduce_batch_selection", "batch_cut", "batch_smallest", "encode", "select", "SelectResult", "penalty_backward", "sparse_decode",
            "sparse_decode_backward", "topk_code", "TopKCode", "threshold_code", "ThresholdCode"]

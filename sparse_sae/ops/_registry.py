@@ -62,8 +62,9 @@ _BATCH_SELECTION: tuple | None = None    # see reduce_batch_selection
 def reduce_batch_selection(cut: Callable, smallest: Callable):
     """Inside the block, BatchTopK selects over the global batch of a data-parallel run:
     ``cut(h, k)`` gives this process's share of the global batch's selection, as ``select``'s
-    ``cut`` (a float64 ``(value, ties)``), and ``smallest(t)`` the minimum of a 0-d tensor over the
-    processes (the selection's smallest value, which BatchTopK's learned threshold follows)."""
+    ``cut`` (a float64 ``(value, ties)``), ``cut(h, k, by_row=True)`` as ``(value, ties of each
+    row)`` (a latent slice's), and ``smallest(t)`` the minimum of a 0-d tensor over the data
+    replicas (the selection's smallest value, which BatchTopK's learned threshold follows)."""
     global _BATCH_SELECTION
     previous, _BATCH_SELECTION = _BATCH_SELECTION, (cut, smallest)
     try:
@@ -72,10 +73,12 @@ def reduce_batch_selection(cut: Callable, smallest: Callable):
         _BATCH_SELECTION = previous
 
 
-def batch_cut(h: torch.Tensor, k: int):
+def batch_cut(h: torch.Tensor, k: int, by_row: bool = False):
     """BatchTopK's cut from the reducer of :func:`reduce_batch_selection`, or None outside one
     (the batch's own)."""
-    return None if _BATCH_SELECTION is None else _BATCH_SELECTION[0](h, k)
+    if _BATCH_SELECTION is None:
+        return None
+    return _BATCH_SELECTION[0](h, k, by_row=True) if by_row else _BATCH_SELECTION[0](h, k)
 
 
 def batch_smallest(t: torch.Tensor) -> torch.Tensor:

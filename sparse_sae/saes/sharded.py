@@ -26,7 +26,9 @@ kernel with the global row norms (:class:`_ShardedCode`), as ``ops.topk_code`` r
 whole SAE: no ``B x F/P`` gradient is held, and plain Top-k keeps no ``B x F/P`` tensor.
 
 The trainer builds one per process with ``latent_parallel`` (``--latent-parallel``) on the
-``data x latent`` mesh of :mod:`sparse_sae.training.distributed`.
+``data x latent`` mesh of :mod:`sparse_sae.training.distributed`. With several data replicas
+BatchTopK selects over the global batch instead: the cut of every process's entries with each
+row's ties (``distributed.global_batch_cut(by_row=True)``, through ``ops.batch_cut``).
 """
 from __future__ import annotations
 
@@ -383,6 +385,14 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         """BatchTopK's global selection as a ``B x F/P`` mask of this rank's selected entries, and
         the smallest selected value (for the threshold)."""
         B, Fl = h.shape
+        cut = ops.batch_cut(h, self.k, by_row=True)
+        if cut is not None:         # over the data replicas too: the cut with each row's ties
+            value, takes = cut
+            tied = h == value
+            mask = (h > value) | (tied & (tied.cumsum(1) <= takes[:, None]))
+            smallest = torch.where(mask & (h > 0), h, torch.full_like(h, float("inf"))).min().reshape(1)
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=self.group)
+            return mask, smallest[0]
         n = B * self.k
         flat = h.detach().reshape(-1)
         tau = torch.topk(flat, n).values[-1]           # local candidates: the reference's rule
@@ -436,7 +446,8 @@ class ShardedTopKSAE(TrainableSAE, nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_since_fired.copy_(torch.where(fired > 0, 0, self.tokens_since_fired + B))
-                if selected_min is not None:
+                if selected_min is not None:      # over the data replicas too (data parallelism)
+                    selected_min = ops.batch_smallest(selected_min)
                     self.threshold.copy_(next_threshold(self.threshold, selected_min, self.threshold_momentum))
         out = _ShardedOutput(recon / self.input_scale if self.input_scale is not None else recon, None, losses,
                              fired, self.n_latents, values=values, indices=global_indices)

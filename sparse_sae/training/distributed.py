@@ -16,8 +16,8 @@ tracker sees them, and the paper's batch-active set ``A`` is the union over the 
 ``sparse_sae.ops.reduce_batch_active``), and BatchTopK selects the ``k`` x global rows largest
 entries of the global batch (:func:`global_batch_cut`, a radix select over histograms
 summed across the replicas, through ``sparse_sae.ops.reduce_batch_selection``), its learned threshold following
-the global batch's smallest selected value (:func:`min_over_data`). What stays per data replica:
-BatchTopK's selection when the latents are sharded too (a ``data x latent`` mesh).
+the global batch's smallest selected value (:func:`min_over_data`); on a ``data x latent`` mesh
+too (the histograms then sum over every process, and a row's ties go to the slices in order).
 """
 from __future__ import annotations
 
@@ -144,39 +144,61 @@ def min_over_data(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     return m[0]
 
 
+def _all_gather_cat(t: torch.Tensor, group, size: int) -> torch.Tensor:
+    """``t`` of every process of ``group`` (``size`` of them, each the same shape), concatenated."""
+    if size == 1:
+        return t.reshape(1, *t.shape)
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
 @torch.no_grad()
-def global_batch_cut(h: torch.Tensor, k: int, ctx: Context, digit_bits: int = 16) -> torch.Tensor:
-    """This data replica's share of BatchTopK's selection over the global batch (the rows of every
+def global_batch_cut(h: torch.Tensor, k: int, ctx: Context, by_row: bool = False, digit_bits: int = 16):
+    """This process's share of BatchTopK's selection over the global batch (the rows of every data
     replica, in rank order): the ``k * global_rows`` largest entries, ties to the lower global flat
-    index. Returns ``select``'s ``cut``: the value at the cut and how many entries equal to it this
-    replica takes (float64, on ``h``'s device).
+    index. ``h`` is this process's rows, and its latents on a ``data x latent`` mesh.
+
+    Returns ``select``'s ``cut``, the value at the cut and how many entries equal to it this process
+    takes (float64, on ``h``'s device); with ``by_row``, ``(value, takes)``: the value in ``h``'s
+    dtype and the ties each row takes (int64, ``B``), which a latent slice needs (a row's ties
+    run across the slices of the latents).
 
     A radix select on the selection kernels' keys, ``digit_bits`` a pass (16: one pass for 16-bit
     types, two for float32), each pass one histogram (``ops.select.key_histogram``) summed over
-    the replicas. Collectives only, no host synchronisation."""
+    the processes. Collectives only, no host synchronisation."""
     B, F = h.shape
     h = h.detach()
     n_bins = 1 << digit_bits
+    sliced = ctx.latent_size > 1       # the histograms then sum every process: all rows, all latents
     rows = all_reduce_sum(torch.tensor([B], dtype=torch.int64, device=h.device), ctx, over_data=True)
     remaining = rows * k                       # rank of the cut from the top among the matching entries
     high = torch.zeros(1, dtype=torch.int64, device=h.device)     # the key's digits fixed so far
     for shift in range(KEY_BITS[h.dtype] - digit_bits, -1, -digit_bits):
         local = key_histogram(h, high, shift, digit_bits)
-        hist = all_reduce_sum(local.clone(), ctx, over_data=True)
+        hist = all_reduce_sum(local.clone(), ctx, over_data=not sliced)
         from_top = hist.flip(0).cumsum(0)      # from_top[i]: entries with a digit >= n_bins - 1 - i
         i = torch.searchsorted(from_top, remaining)
         d = (n_bins - 1) - i
         remaining = remaining - (from_top[i] - hist[d])
         high = torch.bitwise_left_shift(high, digit_bits) | d     # a 64-bit key wraps to its bit pattern
         ties_here = local[d]
-    # the ties of the cut go to the lowest global flat indices: to the replicas in rank order
-    counts = [ties_here]
-    if ctx.data_size > 1:
-        counts = [torch.zeros_like(ties_here) for _ in range(ctx.data_size)]
-        dist.all_gather(counts, ties_here, group=ctx.data_group)
-    before = torch.cat(counts)[:ctx.data_rank].sum()
-    take = (remaining - before).clamp(min=0).minimum(ties_here)
-    return torch.cat([value_of_key(high[0], h.dtype).to(torch.float64).reshape(1), take.to(torch.float64)])
+    value = value_of_key(high[0], h.dtype)
+    # the ties of the cut go to the lowest global flat indices: the replicas in rank order, within
+    # a replica its rows in order and, within a row, the latent slices in order
+    if by_row:
+        ties_row = (h == value).sum(1)
+        per_slice = _all_gather_cat(ties_row, ctx.latent_group, ctx.latent_size)      # P x B
+        replica_ties = per_slice.sum().reshape(1)
+        before_row = (per_slice.T.reshape(-1).cumsum(0) - per_slice.T.reshape(-1)).view(B, -1)
+        before_row = before_row[:, ctx.rank % ctx.latent_size] if B else before_row.new_zeros(0)
+    else:
+        ties_row, replica_ties, before_row = ties_here, ties_here.reshape(1), 0
+    before = _all_gather_cat(replica_ties, ctx.data_group, ctx.data_size)[:ctx.data_rank].sum() + before_row
+    take = (remaining - before).clamp(min=0).minimum(ties_row)
+    if by_row:
+        return value, take
+    return torch.cat([value.to(torch.float64).reshape(1), take.to(torch.float64)])
 
 
 def all_reduce_gradients(params, ctx: Context) -> None:

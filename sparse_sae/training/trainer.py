@@ -427,7 +427,7 @@ class Trainer:
         # the paper's batch-active set A over the global batch, not this replica's rows
         global_a = (ops.reduce_batch_active(functools.partial(distributed.union_over_data, ctx=self.ctx))
                     if self.ctx.data_size > 1 else contextlib.nullcontext())
-        # and BatchTopK's selection over the global batch (a sharded SAE selects per data replica)
+        # and BatchTopK's selection over the global batch (whole or sharded SAEs)
         global_cut = (ops.reduce_batch_selection(functools.partial(distributed.global_batch_cut, ctx=self.ctx),
                                                  functools.partial(distributed.min_over_data, ctx=self.ctx))
                       if self.ctx.data_size > 1 else contextlib.nullcontext())
