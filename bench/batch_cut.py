@@ -2,10 +2,11 @@
 
 Side by side, on one batch ``h`` (B x F, relu of Gaussian pre-activations), in one run:
 
-- ``own``: ``ops.select(h, k, "batchtopk")``, the batch's own cut (one process, no data parallelism);
+- ``own``: ``ops.select(h, k, "batchtopk")``, the whole selection with the batch's own cut (one
+  process, no data parallelism);
 - ``cut``: ``distributed.global_batch_cut`` alone (the radix select over digit histograms; in one
-  process its all-reduces are skipped, so this is its local work: on P processes add two small
-  all-reduces per pass, 65536 counts each, and one all-gather of one count);
+  process its collectives are skipped, so this is its local work: on P processes add one
+  all-reduce of 65536 counts per pass, one of the row count and one all-gather of one count);
 - ``cut + select``: the cut and then ``ops.select(..., cut=cut)``, what a data-parallel process runs.
 
     python bench/batch_cut.py                           # B=2048, F=8192, k=32, float32 and bfloat16
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
           f"threads, load {os.getloadavg()[0]:.1f}; python {platform.python_version()}, torch {torch.__version__}, "
           f"sparse_sae {S.__version__}; B={B} F={F} k={k}, median of {args.repeats}")
-    print("| dtype | own cut (ms) | global_batch_cut (ms) | cut + select (ms) | cut + select / own |")
+    print("| dtype | select, own cut (ms) | global_batch_cut (ms) | cut + select (ms) | cut + select / own |")
     print("|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for name in args.dtypes.split(","):

@@ -454,3 +454,18 @@ def test_data_by_latent_mesh_batchtopk_equals_one_process(tmp_path, extra):
     one = Trainer(_train_cfg(tmp_path / "one", **cfg), _data())
     one.fit()
     _assert_same_state(_run(4, _train_cfg(tmp_path / "mesh", latent_parallel=2, **cfg)), one.sae.state_dict())
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "bfloat16"])
+def test_global_batch_cut_in_one_process_is_the_batch_own(dtype_name):
+    """With one process the cut is the batch's own BatchTopK cut, by 16-bit and by 8-bit digits;
+    a digit width that does not divide the key is refused."""
+    from sparse_sae.training import distributed
+    h = _cut_batch(dtype_name, zeros=False)
+    flat, n = h.reshape(-1), h.shape[0] * 4
+    tau = torch.topk(flat, n).values[-1]
+    want = [float(tau), float(n - int((flat > tau).sum()))]
+    for bits in (16, 8):
+        assert distributed.global_batch_cut(h, 4, distributed.Context(), digit_bits=bits).tolist() == want
+    with pytest.raises(ValueError, match="digit_bits must divide"):
+        distributed.global_batch_cut(h, 4, distributed.Context(), digit_bits=12)

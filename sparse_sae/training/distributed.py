@@ -167,6 +167,8 @@ def global_batch_cut(h: torch.Tensor, k: int, ctx: Context, by_row: bool = False
     A radix select on the selection kernels' keys, ``digit_bits`` a pass (16: one pass for 16-bit
     types, two for float32), each pass one histogram (``ops.select.key_histogram``) summed over
     the processes. Collectives only, no host synchronisation."""
+    if not 1 <= digit_bits <= 16 or KEY_BITS[h.dtype] % digit_bits:
+        raise ValueError(f"digit_bits must divide {KEY_BITS[h.dtype]} and be at most 16, got {digit_bits}")
     B, F = h.shape
     h = h.detach()
     n_bins = 1 << digit_bits
@@ -190,8 +192,8 @@ def global_batch_cut(h: torch.Tensor, k: int, ctx: Context, by_row: bool = False
         ties_row = (h == value).sum(1)
         per_slice = _all_gather_cat(ties_row, ctx.latent_group, ctx.latent_size)      # P x B
         replica_ties = per_slice.sum().reshape(1)
-        before_row = (per_slice.T.reshape(-1).cumsum(0) - per_slice.T.reshape(-1)).view(B, -1)
-        before_row = before_row[:, ctx.rank % ctx.latent_size] if B else before_row.new_zeros(0)
+        flat = per_slice.T.reshape(-1)                                                 # (row, slice) order
+        before_row = (flat.cumsum(0) - flat).view(B, ctx.latent_size)[:, ctx.rank % ctx.latent_size]
     else:
         ties_row, replica_ties, before_row = ties_here, ties_here.reshape(1), 0
     before = _all_gather_cat(replica_ties, ctx.data_group, ctx.data_size)[:ctx.data_rank].sum() + before_row
