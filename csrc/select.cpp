@@ -163,8 +163,6 @@ void sums_and_aux(const T* h, int64_t B, int64_t F, const bool* dead, int64_t k_
   }
 }
 
-// The key of the n-th largest entry of h (flat) by radix select, and how many entries equal
-// to it are selected (the lowest flat indices among them).
 // Histogram of the digits (key >> shift) & (2^bits - 1) of the entries' ordered keys (`key_of`),
 // over the entries whose key bits from shift + bits up equal `high` (every entry when there are
 // none): one pass of a batch-wide radix select.
@@ -187,6 +185,8 @@ void key_histogram(const T* h, int64_t N, KeyOf key_of, int key_bits, Key high, 
   }
 }
 
+// The key of the n-th largest entry of h (flat) by radix select, and how many entries equal
+// to it are selected (the lowest flat indices among them).
 template <typename T, typename Key>
 std::pair<Key, int64_t> batch_threshold(const T* h, int64_t N, int64_t n) {
   constexpr int kKeyBits = sizeof(Key) * 8;

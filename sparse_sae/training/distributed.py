@@ -145,7 +145,7 @@ def min_over_data(t: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def _all_gather_cat(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    """``t`` of every process of ``group`` (``size`` of them, each the same shape), concatenated."""
+    """``t`` of every process of ``group`` (``size`` of them, each the same shape), stacked in rank order."""
     if size == 1:
         return t.reshape(1, *t.shape)
     parts = [torch.empty_like(t) for _ in range(size)]
