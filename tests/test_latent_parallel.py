@@ -469,3 +469,45 @@ def test_global_batch_cut_in_one_process_is_the_batch_own(dtype_name):
         assert distributed.global_batch_cut(h, 4, distributed.Context(), digit_bits=bits).tolist() == want
     with pytest.raises(ValueError, match="digit_bits must divide"):
         distributed.global_batch_cut(h, 4, distributed.Context(), digit_bits=12)
+
+
+def _freed_worker(rank, world, path, result):
+    import gc
+    import weakref
+    from sparse_sae.training import distributed
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    group = weakref.ref(dist.group.WORLD)
+    ctx = distributed.Context(rank=rank, world_size=world)
+    sae, x = _whole("batchtopk", torch.float32)
+    out = sae(x)                       # the first custom-op call imports torch._dynamo
+    out.loss.backward()
+    distributed.all_reduce_gradients(list(sae.parameters()), ctx)
+    distributed.shutdown(ctx)
+    gc.collect()
+    torch.save(group() is None, f"{result}.{rank}")
+
+
+def test_destroy_process_group_frees_the_group_after_our_ops():
+    """After our ops ran (their first call imports torch._dynamo and, through it,
+    torch.distributed.nn.functional), shutdown frees the default process group: its gloo threads do
+    not outlive the program into interpreter shutdown, where one releasing a collective's tensors
+    aborts the process (CI saw "terminate called without an active exception", SIGABRT)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "freed")
+        mp.spawn(_freed_worker, args=(2, os.path.join(tmp, "store"), result), nprocs=2, join=True)
+        assert [torch.load(f"{result}.{r}") for r in range(2)] == [True, True]
+
+
+def test_importing_after_init_process_group_warns(tmp_path):
+    """Imported after a process group exists, sparse_sae says so (the group could outlive
+    destroy_process_group); imported before, it says nothing."""
+    import subprocess
+    import sys
+    init = (f"import torch.distributed as dist; dist.init_process_group('gloo', "
+            f"init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)")
+    for code, warns in [(f"{init}; import sparse_sae", True), (f"import sparse_sae; {init}", False)]:
+        run = subprocess.run([sys.executable, "-c", code + "; dist.destroy_process_group()"],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert ("imported after torch.distributed.init_process_group" in run.stderr) == warns, run.stderr[-2000:]
+        (tmp_path / "store").unlink(missing_ok=True)

@@ -6,6 +6,25 @@ select into one autograd node whose backward is ``penalty_backward``, so the den
 gradient of a (Batch)Top-k SAE is never materialised by autograd; ``threshold_code`` does the
 same for the ReLU and JumpReLU SAEs (threshold select, sparse or dense by density).
 """
+import sys
+import warnings
+
+import torch.distributed
+
+# The first call of a torch.library custom op imports torch._dynamo, which imports
+# torch.distributed.nn.functional, whose functions take ``group=group.WORLD`` as a default
+# argument evaluated at import. Imported after init_process_group, those defaults hold the default
+# process group for ever: destroy_process_group can no longer free it, its gloo threads outlive
+# the program into interpreter shutdown, and one that releases a finished collective's tensors
+# there (it needs the GIL) aborts the process ("terminate called without an active exception").
+# Imported here, with ``import sparse_sae``, before a process group exists, the defaults are None.
+if torch.distributed.is_available():
+    if torch.distributed.is_initialized() and "torch.distributed.nn.functional" not in sys.modules:
+        warnings.warn("sparse_sae was imported after torch.distributed.init_process_group: import it "
+                      "first, or the default process group outlives destroy_process_group and a gloo "
+                      "process can abort at exit (README, Scaling out)", RuntimeWarning, stacklevel=2)
+    import torch.distributed.nn.functional  # noqa: F401
+
 from sparse_sae.ops._registry import (batch_active, batch_cut, batch_smallest, reduce_batch_active,
                                       reduce_batch_selection, show_build)
 from sparse_sae.ops.encode import encode
