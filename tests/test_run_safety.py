@@ -372,6 +372,33 @@ def test_nan_in_the_first_rows_is_named_before_training(tmp_path, data):
     check_finite_rows(open_source(huge), 0, huge)
 
 
+
+def test_a_batch_that_leaves_a_process_no_finite_row_is_skipped_on_every_process(data):
+    """With skip_nonfinite and 3 processes, a global batch in which one process's rows are all NaN
+    is skipped whole by every process (an empty share would stop that process while the others
+    wait in a collective); a batch with some bad rows in every share only drops those rows; data
+    that never leaves a process a row is refused, not looped over."""
+    bad = data[:210].clone()                # batches of 30 rows (10 a process), 7 an epoch
+    bad[40:50, 1] = float("nan")            # batch 1: process 1's rows, all of them
+    bad[95, 0] = float("inf")               # batch 3: one row of process 0
+    loaders = [ActivationLoader(open_source(bad), 30, shuffle=False, rank=r, world_size=3, skip_nonfinite=True)
+               for r in range(3)]
+    got = [[loader.next_batch() for _ in range(4)] for loader in loaders]
+    for r in range(3):
+        want = [bad[r * 10:(r + 1) * 10]] + [bad[b * 30 + r * 10:b * 30 + (r + 1) * 10] for b in (2, 3, 4)]
+        if r == 0:
+            want[2] = torch.cat([bad[90:95], bad[96:100]])
+        assert [torch.equal(g, w) for g, w in zip(got[r], want)] == [True] * 4, r
+        assert loaders[r].skipped_rows == 30 + 1 and loaders[r].position == 150
+    one = ActivationLoader(open_source(bad[30:60]), 30, shuffle=False, skip_nonfinite=True)
+    assert one.next_batch().shape[0] == 20                      # one process: rows dropped, batch kept
+    hopeless = bad.clone()
+    hopeless[torch.arange(210) % 30 < 10] = float("nan")       # process 0's rows of every batch
+    with pytest.raises(NonFiniteDataError, match="nothing to train on"):
+        ActivationLoader(open_source(hopeless), 30, shuffle=False, rank=2, world_size=3,
+                         skip_nonfinite=True).next_batch()
+
+
 def test_eval_refuses_bad_embeddings_and_labels_naming_the_file(tmp_path, npy, data, capsys):
     run = tmp_path / "run"
     Trainer(_cfg(run, steps=2), str(npy)).fit()

@@ -266,7 +266,8 @@ class ActivationLoader:
     of each global batch. ``state_dict()``/``load_state_dict()`` save and restore the position.
     Rows with NaN or Inf raise :class:`NonFiniteDataError` when read, unless ``skip_nonfinite``:
     then they are dropped from their batch (which comes out shorter) and counted in
-    ``skipped_rows`` (over the global batch, so every rank agrees).
+    ``skipped_rows`` (over the global batch, so every rank agrees); a global batch that would leave
+    a process no row is skipped whole.
     """
 
     def __init__(self, source: ActivationSource, batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -365,17 +366,32 @@ class ActivationLoader:
         return torch.cat(out) if len(out) != 1 else out[0]
 
     def next_batch(self) -> torch.Tensor:
-        """This process's rows of the next global batch (``batch_size / world_size`` rows)."""
-        batch = self._take(self.batch_size)
+        """This process's rows of the next global batch (``batch_size / world_size`` rows).
+
+        With ``skip_nonfinite``, a global batch in which some process's share has no finite row
+        at all is skipped whole, on every process (each reads the whole global batch, so all agree
+        without a collective), and its rows counted: training on an empty share would stop that
+        process while the others wait for it in a collective."""
         per = self.batch_size // self.world_size
-        mine = batch[self.rank * per:(self.rank + 1) * per]
-        if self.skip_nonfinite:
+        for _ in range(self._batches_per_epoch() + 1):
+            batch = self._take(self.batch_size)
+            mine = batch[self.rank * per:(self.rank + 1) * per]
+            if not self.skip_nonfinite:
+                return mine
             finite = torch.isfinite(batch).all(dim=1)
             n_bad = int((~finite).sum())
-            if n_bad:
+            if not n_bad:
+                return mine
+            if finite.view(self.world_size, per).any(dim=1).all():
                 self.skipped_rows += n_bad
-                mine = mine[finite[self.rank * per:(self.rank + 1) * per]]
-        return mine
+                return mine[finite[self.rank * per:(self.rank + 1) * per]]
+            self.skipped_rows += self.batch_size
+        raise NonFiniteDataError(f"activation data: in every batch of an epoch ({self.source.n_rows} rows), some "
+                                 f"process's {per} rows are all NaN or Inf, so skip_nonfinite leaves it "
+                                 f"nothing to train on")
+
+    def _batches_per_epoch(self) -> int:
+        return -(-self.source.n_rows // self.batch_size)
 
     def __iter__(self):
         while True:
