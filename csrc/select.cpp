@@ -386,6 +386,7 @@ std::vector<torch::Tensor> select_cpu(const torch::Tensor& h, int64_t k, const s
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
   const int64_t F = h.size(1);
+  TORCH_CHECK(h.size(0) > 0, "select: h is an empty batch (0 rows)");
   TORCH_CHECK(mode == "topk" || mode == "batchtopk" || mode == "threshold",
               "mode must be topk, batchtopk or threshold, got ", mode);
   if (mode != "threshold") TORCH_CHECK(k >= 1 && k <= F, "k must be in [1, ", F, "], got ", k);

@@ -36,6 +36,7 @@ std::vector<torch::Tensor> select_cuda(const torch::Tensor& h, int64_t k, const 
   SAE_CHECK_DIM(h, 2);
   SAE_CHECK_CONTIG(h);
   const int64_t B = h.size(0), F = h.size(1);
+  TORCH_CHECK(B > 0, "select: h is an empty batch (0 rows)");
   TORCH_CHECK(F < (int64_t(1) << 31), "select_cuda: F must be below 2^31");
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

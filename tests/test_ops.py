@@ -106,6 +106,23 @@ def test_select_rejects_bad_arguments(gen):
         ops.select(h, 6)
     with pytest.raises(ValueError, match="threshold"):
         ops.select(h, mode="threshold")
+    # every mode refuses an empty batch (BatchTopK's kernel read past an empty count vector)
+    for mode, kw in [("topk", {}), ("batchtopk", {}), ("threshold", {"threshold": torch.zeros(5)})]:
+        with pytest.raises(ValueError, match=r"empty batch \(0 rows\)"):
+            ops.select(h[:0], 2, mode, **kw)
+    with pytest.raises(ValueError, match=r"h must be a 2-D floating tensor, got \(\(5,\)"):
+        ops.select(h[0], 2)
+    with pytest.raises(ValueError, match="h must be a 2-D floating tensor"):
+        ops.select((h * 10).int(), 2)
+    with pytest.raises(ValueError, match=r"threshold must have shape \(5,\), got \(4,\)"):
+        ops.select(h, mode="threshold", threshold=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"dead must have shape \(5,\)"):
+        ops.select(h, 2, dead=torch.zeros(4, dtype=torch.bool), k_aux=1)
+    with pytest.raises(TypeError, match="dead must be a bool tensor"):
+        ops.select(h, 2, dead=torch.zeros(5), k_aux=1)
+    if _C is not None:        # the kernel checks it too, for a caller that skips the op
+        with pytest.raises(RuntimeError, match="empty batch"):
+            _C.select_cpu(h[:0].contiguous(), 2, "batchtopk", 0, None, None, 0, True, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from sparse_sae._checks import FLOAT_DTYPES, check_op_args
 from sparse_sae import reference
 from sparse_sae.ops._registry import _C, dispatch, fallback_warning, register_impl
 from sparse_sae.ops.cpu_dtypes import cpu_compute_dtype
@@ -81,6 +82,17 @@ def select(h: Tensor, k: int = 0, mode: str = "topk", width: int = 0, threshold:
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not torch.is_tensor(h) or h.dim() != 2 or h.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"select: h must be a 2-D floating tensor, got "
+                         f"{(tuple(h.shape), h.dtype) if torch.is_tensor(h) else type(h).__name__}")
+    if h.shape[0] == 0:
+        raise ValueError("select: h is an empty batch (0 rows)")
+    F = h.shape[1]
+    check_op_args("select", {"h": (None, F), **({"threshold": (F,)} if threshold is not None else {}),
+                             **({"dead": (F,)} if dead is not None else {})},
+                  {"h": h, "threshold": threshold, "dead": dead})
+    if dead is not None and dead.dtype != torch.bool:
+        raise TypeError(f"select: dead must be a bool tensor, got {dead.dtype}")
     if mode == "threshold" and threshold is None:
         raise ValueError("mode='threshold' needs a threshold tensor")
     if mode != "threshold" and not 1 <= k <= h.shape[1]:
