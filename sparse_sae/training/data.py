@@ -373,25 +373,23 @@ class ActivationLoader:
         without a collective), and its rows counted: training on an empty share would stop that
         process while the others wait for it in a collective."""
         per = self.batch_size // self.world_size
-        for _ in range(self._batches_per_epoch() + 1):
+        mine = slice(self.rank * per, (self.rank + 1) * per)
+        if not self.skip_nonfinite:
+            return self._take(self.batch_size)[mine]
+        batches_per_epoch = -(-self.source.n_rows // self.batch_size)
+        for _ in range(batches_per_epoch + 1):
             batch = self._take(self.batch_size)
-            mine = batch[self.rank * per:(self.rank + 1) * per]
-            if not self.skip_nonfinite:
-                return mine
             finite = torch.isfinite(batch).all(dim=1)
             n_bad = int((~finite).sum())
             if not n_bad:
-                return mine
+                return batch[mine]                  # a view: no copy in the common case
             if finite.view(self.world_size, per).any(dim=1).all():
                 self.skipped_rows += n_bad
-                return mine[finite[self.rank * per:(self.rank + 1) * per]]
+                return batch[mine][finite[mine]]
             self.skipped_rows += self.batch_size
         raise NonFiniteDataError(f"activation data: in every batch of an epoch ({self.source.n_rows} rows), some "
                                  f"process's {per} rows are all NaN or Inf, so skip_nonfinite leaves it "
                                  f"nothing to train on")
-
-    def _batches_per_epoch(self) -> int:
-        return -(-self.source.n_rows // self.batch_size)
 
     def __iter__(self):
         while True:
